@@ -1,0 +1,43 @@
+"""Each method's trainable budget and payload for a model and task (the paper's
+"#Trainable Parameters" column, plus what travels per client per round)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .config import RunConfig
+
+
+def method_budget(cfg: RunConfig) -> dict[str, Any]:
+    """Build ``cfg.method`` on ``cfg.model`` and count what trains and what travels."""
+    from .federation.runtime import Runtime
+    from .federation.state import num_parameters, to_record, trainable_state
+
+    runtime = Runtime(cfg)
+    anchor = runtime.method.make_anchor(runtime.model)
+    state = trainable_state(runtime.model)
+    payload = to_record(state).count_bytes()
+    total = sum(p.numel() for p in runtime.model.parameters())
+    return {
+        "method": cfg.method,
+        "trainable-params": num_parameters(state),
+        "trainable-percent": 100.0 * num_parameters(state) / total,
+        "bytes-up": payload,
+        "bytes-down": payload,
+        "anchor-bytes": to_record({k: v.cpu().numpy() for k, v in anchor.items()}).count_bytes()
+        if anchor else 0,
+    }
+
+
+def budget_table(cfg: RunConfig, methods: list[str]) -> str:
+    rows = [method_budget(dataclasses.replace(cfg, method=m)) for m in methods]
+    lines = [f"model={cfg.model} task={cfg.task}",
+             "| method | trainable params | % of model | MB up per round | MB down per round "
+             "| one-off MB (anchor) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['trainable-params']:,} | {r['trainable-percent']:.2f} "
+                     f"| {r['bytes-up'] / 1e6:.3f} | {r['bytes-down'] / 1e6:.3f} "
+                     f"| {r['anchor-bytes'] / 1e6:.3f} |")
+    return "\n".join(lines)

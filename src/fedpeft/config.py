@@ -1,0 +1,248 @@
+"""The one source of truth for a run's settings.
+
+A run is described by a single flat dataclass, ``RunConfig``. Every field has a default that
+follows the FeDeRA paper's protocol (arXiv 2404.18848, Sec. 5.1) where the paper gives one, and
+every field can be set from a TOML file or from ``key=value`` overrides on the command line,
+where keys are written in kebab case (``num-clients=100``). The config is validated once, here,
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, malformed or inconsistent with another one."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated fine-tuning run needs. Keys on the CLI are kebab case."""
+
+    # --- what to fine-tune -------------------------------------------------------------------
+    task: str = "semeval"  # semeval | 20news | csv/jsonl/conll/squad-json (see `fedpeft tasks`)
+    method: str = "federa"  # fedft | fedlr | federa | ... (see `fedpeft methods`)
+    model: str = "all-MiniLM-L6-v2"  # the bundled encoder, a local path or a hub id
+    data_dir: str | None = None  # else $FEDPEFT_DATA, else shared/data beside the repo
+    # --- federation (paper: 100 clients, 10 per round, Dirichlet alpha=1) -------------------
+    rounds: int = 20
+    num_clients: int = 100
+    clients_per_round: int = 10
+    alpha: float = 1.0  # Dirichlet concentration; smaller = more heterogeneous
+    min_size: int = 2  # every client gets at least this many training examples
+    seed: int = 0  # one seed for the partition, client sampling, init and local shuffles
+    eval_every: int = 1  # evaluate the global model on the test split every k rounds (and last)
+    # --- local training (paper: 1 local epoch, batch 16, AdamW) -----------------------------
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float | None = None  # None = the method's default learning rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_length: int | None = None  # None = the task's default (paper: SemEval 64, 20News 256)
+    eval_batch_size: int = 64
+    # --- LoRA family (paper: r=32, alpha=32 on query and value) ------------------------------
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None  # None = query/value of the architecture
+    # --- data size limits (for quick runs and tests) -----------------------------------------
+    max_train_samples: int | None = None  # take the first n training examples
+    max_test_samples: int | None = None  # take the first n test examples
+    # --- bring-your-own data -----------------------------------------------------------------
+    train_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    # --- runtime -----------------------------------------------------------------------------
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
+    sim_workers: int = 1  # Ray actors in the simulation; each holds one frozen base model
+    out: str = "runs/{task}-{method}-a{alpha}-s{seed}"  # run folder; {field} is filled in
+    progress: bool = True
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> RunConfig:
+        """Check cross-field consistency; raise ``ConfigError`` naming the offending key."""
+        positive = ["rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size",
+                    "eval_every", "lora_rank", "eval_batch_size", "sim_workers"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} exceeds num-clients={self.num_clients}"
+            )
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.min_size < 1:
+            raise ConfigError(f"min-size must be >= 1, got {self.min_size}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"max-length must be >= 8 tokens, got {self.max_length}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_kebab(name)} must be > 0, got {value}")
+        return self
+
+    def run_dir(self) -> Path:
+        """The run folder, with ``{field}`` placeholders of ``out`` filled in."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Path(self.out.format(**values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping of every field (None values included)."""
+        return {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_mapping(json.loads(text))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build a config from already-typed values (TOML, JSON), checking every key."""
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        for key, value in values.items():
+            name = _field_name(key)
+            setattr(cfg, name, _coerce(name, value))
+        return cfg
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Write the resolved config as TOML (None values are left out, as TOML has no null)."""
+    lines = []
+    for key, value in cfg.to_dict().items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Read an optional TOML file, then apply ``key=value`` overrides, then validate."""
+    cfg = dataclasses.replace(base) if base is not None else RunConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        # Allow a [fedpeft] table or a flat file.
+        data = data.get("fedpeft", data)
+        cfg = RunConfig.from_mapping(data, base=cfg)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        name = _field_name(key.strip())
+        setattr(cfg, name, _parse(name, raw.strip()))
+    return cfg.validate()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_name(key: str) -> str:
+    name = key.replace("-", "_")
+    if name not in _FIELDS:
+        known = [_kebab(n) for n in _FIELDS]
+        close = difflib.get_close_matches(_kebab(name), known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown setting {key!r}{hint} (see `fedpeft run --help-config`)")
+    return name
+
+
+def _base_type(name: str) -> tuple[Any, bool]:
+    """The field's type without Optional, and whether None is allowed."""
+    tp = _TYPES[name]
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _parse(name: str, raw: str) -> Any:
+    """Parse a command-line string for field ``name``."""
+    tp, optional = _base_type(name)
+    if optional and raw.lower() in ("", "none", "null"):
+        return None
+    if typing.get_origin(tp) is list:
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    if tp is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{_kebab(name)} must be true or false, got {raw!r}")
+    try:
+        return tp(raw)
+    except ValueError:
+        raise ConfigError(f"{_kebab(name)} must be {tp.__name__}, got {raw!r}") from None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a typed value (from TOML/JSON) against field ``name``."""
+    tp, optional = _base_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{_kebab(name)} cannot be empty")
+    if isinstance(value, str) and tp is not str:
+        return _parse(name, value)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{_kebab(name)} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{_kebab(name)} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def describe_fields() -> str:
+    """One line per setting with its default, for ``--help-config``."""
+    import inspect
+    import re
+
+    source = inspect.getsource(RunConfig)
+    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
+    lines = []
+    for f in dataclasses.fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  {_kebab(f.name):<22} {default!r:<40} {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "RunConfig", "describe_fields", "field", "load_config", "to_toml"]

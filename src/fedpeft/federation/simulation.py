@@ -1,0 +1,82 @@
+"""Run a federation on this machine with Flower's simulation runtime (Ray actors as clients).
+
+``simulate(cfg)`` is what ``fedpeft run`` calls: it makes the run folder, binds a ServerApp to
+the config, and starts ``cfg.num_clients`` virtual SuperNodes served by ``cfg.sim_workers`` Ray
+actors (each actor holds one frozen base model and serves many clients in turn).
+"""
+
+from __future__ import annotations
+
+from .. import offline
+
+offline.apply()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from ..config import RunConfig  # noqa: E402
+from ..runlog import RunLog  # noqa: E402
+from .client_app import app as client_app  # noqa: E402
+from .server_app import make_server_app  # noqa: E402
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Ray settings: loopback only, no dashboard, ``sim-workers`` actors sharing the cores."""
+    cores = os.cpu_count() or 1
+    per_worker = max(1, cores // cfg.sim_workers)
+    gpus = 1.0 / cfg.sim_workers if cfg.device.startswith("cuda") else 0.0
+    return {
+        "client_resources": {"num_cpus": per_worker, "num_gpus": gpus},
+        "init_args": {"num_cpus": per_worker * cfg.sim_workers, "include_dashboard": False,
+                      "logging_level": logging.ERROR, "log_to_driver": True,
+                      "_node_ip_address": "127.0.0.1"},
+    }
+
+
+def simulate(cfg: RunConfig, overwrite: bool = False,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` in simulation and return its summary (also in ``<run>/summary.json``)."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    log = RunLog.create(cfg, overwrite=overwrite)
+    server_app = make_server_app(cfg, log, on_round=_progress(cfg, on_round))
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=cfg.num_clients, backend_config=backend_config(cfg))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary_file = log.path / "summary.json"
+    if not summary_file.exists():
+        raise RuntimeError(f"the simulation ended without a summary; see {log.path}/rounds.jsonl")
+    import json
+
+    return json.loads(summary_file.read_text())
+
+
+def _progress(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None
+              ) -> Callable[[dict[str, Any]], None]:
+    """A per-round progress bar on stderr (tqdm), chained with ``on_round``."""
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.rounds, desc=f"{cfg.method} {cfg.task}", unit="round",
+                   file=sys.stderr, dynamic_ncols=True)
+
+    def update(record: dict[str, Any]) -> None:
+        if bar is not None:
+            shown = {k: f"{v:.4f}" for k, v in record["metrics"].items()}
+            bar.set_postfix(loss=f"{record['train-loss']:.3f}", **shown)
+            bar.update(1)
+            if record["round"] == cfg.rounds:
+                bar.close()
+        if on_round is not None:
+            on_round(record)
+
+    return update

@@ -1,0 +1,51 @@
+"""The exchanged state of a model: exactly its trainable tensors, by parameter name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copies of the parameters that require grad, as float32/16 numpy arrays, by name."""
+    return {name: p.detach().cpu().numpy().copy()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that do not train (for tests and checks)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if not p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy ``state`` into the model's trainable parameters; keys and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or extra:
+        raise ValueError(f"state does not match the trainable parameters: missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.as_tensor(np.asarray(state[name]))
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
+            p.copy_(value.to(p.dtype))
+
+
+def num_parameters(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(v.size for v in state.values()))
+
+
+def to_record(state: Mapping[str, np.ndarray]):  # -> flwr.app.ArrayRecord
+    """Wrap a state as a Flower ArrayRecord (the bytes that travel)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_record(record) -> dict[str, np.ndarray]:  # record: flwr.app.ArrayRecord
+    """Unwrap a Flower ArrayRecord into ``{name: ndarray}``."""
+    return {k: v.numpy() for k, v in record.items()}

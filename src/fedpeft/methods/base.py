@@ -1,0 +1,59 @@
+"""What a federated fine-tuning method is: which parameters train and travel, and how they start.
+
+A method takes a freshly loaded model (pretrained encoder + new task head) and makes some of its
+parameters trainable, adding modules where it needs them (LoRA, adapters). The trainable tensors
+are exactly what clients upload and the server averages; the task head is always among them.
+
+Some methods need a one-off, data-independent state on every client before its first round
+that is not part of the exchanged tensors: FeDeRA's initial A0/B0, from which each client
+computes its frozen residual W - s*B0*A0. The server computes this *anchor* once
+(``make_anchor``) and sends it to each client with its first message; clients apply it with
+``apply_anchor``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from ..config import RunConfig
+from ..models import head_module_names
+
+
+class Method(ABC):
+    name: str = ""
+    paper: str = ""  # reference shown by `fedpeft methods`
+    default_lr: float = 1e-3  # measured on SemEval with the bundled model (see README)
+
+    def __init__(self, cfg: RunConfig, peft_task_type: str) -> None:
+        self.cfg = cfg
+        self.peft_task_type = peft_task_type
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr if self.cfg.lr is not None else self.default_lr
+
+    @abstractmethod
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Set which parameters train (adding modules if needed); return the model to train."""
+
+    def make_anchor(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """Server side: compute and apply the one-off client state; None if the method has none."""
+        return None
+
+    def apply_anchor(self, model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> None:
+        """Client side: apply the anchor received from the server to a freshly built model."""
+        raise NotImplementedError(f"{self.name} has no anchor")
+
+    def after_step(self, model: torch.nn.Module) -> Callable[[], None] | None:
+        """A hook run after every optimizer step (None = nothing to do)."""
+        return None
+
+
+def freeze_all_but_head(model: torch.nn.Module) -> None:
+    """Freeze every parameter, then unfreeze the task head (classifier, qa_outputs, ...)."""
+    model.requires_grad_(False)
+    for name in head_module_names(model):
+        getattr(model, name).requires_grad_(True)

@@ -1,0 +1,125 @@
+"""LoRA and its initialisation variants: FedLR and FeDeRA.
+
+LoRA (Hu et al., 2021) adds ``s * B @ A`` to each target weight W (``A``: (r, d_in), ``B``:
+(d_out, r), ``s = lora_alpha / r``); only A, B and the head train and travel. The variants
+differ only in how A and B start, as in PEFT's single ``init_lora_weights`` field:
+
+- ``FedLR``  (FeDeRA paper Sec. 5.1): A ~ N(0, 1/r^2) (PEFT's ``"gaussian"``), B = 0, so
+  the model starts as the pretrained one.
+- ``FeDeRA`` (Yan et al., 2024, arXiv 2404.18848): A = sqrt(S_r) V_r^T and B = U_r sqrt(S_r)
+  from the top-r SVD of W (divided by s), and the frozen weight becomes the residual
+  W - s * B @ A, so the model's output is unchanged at init. This is PEFT's
+  ``init_lora_weights="pissa"``; here the server computes A0/B0 once with a full,
+  deterministic SVD (float64) and every client computes its own residual from its copy of W and
+  the A0/B0 it received (the SVD's sign ambiguity cancels in B0 @ A0).
+
+The SVD factorisation is a pure function, ``svd_factors``, shared with SLoRA's stage switch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import head_module_names, query_value_modules
+from .base import Method
+
+
+def svd_factors(matrix: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` factors of ``matrix`` (d_out, d_in) such that ``scaling * B @ A`` is its best
+    rank-r approximation: A = sqrt(S_r/s) V_r^T (r, d_in), B = U_r sqrt(S_r/s) (d_out, r).
+
+    Computed with a full SVD in float64, so the result does not depend on a random sketch.
+    """
+    if rank > min(matrix.shape):
+        raise ValueError(f"lora-rank={rank} exceeds the layer's smallest dimension "
+                         f"{min(matrix.shape)} (shape {tuple(matrix.shape)})")
+    u, s, vh = torch.linalg.svd(matrix.detach().to(torch.float64), full_matrices=False)
+    root = torch.sqrt(s[:rank] / scaling)  # (r,)
+    a = root[:, None] * vh[:rank]  # (r, d_in)
+    b = u[:, :rank] * root[None, :]  # (d_out, r)
+    return a.to(matrix.dtype), b.to(matrix.dtype)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """LoRA-wrapped layers of a PEFT model by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class LoRA(Method):
+    """Federated LoRA with Gaussian A and zero B (the paper's FedLR)."""
+
+    name = "fedlr"
+    paper = "LoRA (Hu et al., 2021) in FedAvg; FeDeRA paper Sec. 5.1 (FedLR)"
+    default_lr = 2e-3  # SemEval, bundled model: 2e-3 -> 0.54 acc centralised; 5e-3 diverges
+    init = "gaussian"  # PEFT init_lora_weights value used when the model is built
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = query_value_modules(model, self.cfg.target_modules)
+        self._check_rank(model, targets)
+        config = LoraConfig(
+            task_type=self.peft_task_type,
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets,
+            modules_to_save=head_module_names(model),  # the head trains and travels
+            init_lora_weights=self.init,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return get_peft_model(model, config)
+
+    def _check_rank(self, model: torch.nn.Module, targets: list[str]) -> None:
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+                if self.cfg.lora_rank > min(module.weight.shape):
+                    raise ValueError(f"lora-rank={self.cfg.lora_rank} exceeds the smallest "
+                                     f"dimension of {name} {tuple(module.weight.shape)}")
+
+
+class FeDeRA(LoRA):
+    """LoRA initialised from the SVD of the pretrained weights, residual frozen (FeDeRA)."""
+
+    name = "federa"
+    paper = "FeDeRA (Yan et al., 2024, arXiv 2404.18848)"
+    default_lr = 1e-3  # SemEval, bundled model: 1e-3 -> 0.56 acc centralised; 2e-3 -> 0.53
+    init = False  # A/B are set from the anchor; PEFT's own init is overwritten
+
+    def make_anchor(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        anchor = {}
+        for name, layer in lora_layers(model).items():
+            weight = layer.get_base_layer().weight
+            a, b = svd_factors(weight, self.cfg.lora_rank, layer.scaling["default"])
+            anchor[f"{name}.lora_A.default.weight"] = a
+            anchor[f"{name}.lora_B.default.weight"] = b
+        self.apply_anchor(model, anchor)
+        return anchor
+
+    def apply_anchor(self, model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> None:
+        layers = lora_layers(model)
+        expected = {f"{n}.lora_{x}.default.weight" for n in layers for x in "AB"}
+        if set(anchor) != expected:
+            raise ValueError("FeDeRA anchor does not match this model's LoRA layers: "
+                             f"missing {sorted(expected - set(anchor))[:3]}, "
+                             f"unexpected {sorted(set(anchor) - expected)[:3]}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                if getattr(layer, "_fedpeft_residual", False):
+                    raise RuntimeError(f"{name} already holds a residual; build a fresh model")
+                a = anchor[f"{name}.lora_A.default.weight"]
+                b = anchor[f"{name}.lora_B.default.weight"]
+                base = layer.get_base_layer()
+                base.weight.copy_(residual(base.weight, a, b, layer.scaling["default"]))
+                layer.lora_A["default"].weight.copy_(a)
+                layer.lora_B["default"].weight.copy_(b)
+                layer._fedpeft_residual = True
+
+
+def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """FeDeRA's frozen weight: W - s * B @ A, computed in float64 then cast back."""
+    w = weight.detach().to(torch.float64)
+    return (w - scaling * b.to(torch.float64) @ a.to(torch.float64)).to(weight.dtype)

@@ -1,0 +1,105 @@
+"""The run folder: everything a run leaves behind, written as it goes.
+
+```
+runs/<name>/
+  config.toml          the resolved configuration (every setting, defaults included)
+  partition.json       client sizes, class histograms, mean pairwise JS divergence
+  rounds.jsonl         one JSON line per round: metrics, bytes up/down, seconds
+  summary.json         the final result (written at the end)
+  final_state.safetensors   the global trainable state after the last round
+```
+Lines are flushed as soon as a round ends, so a killed run keeps every finished round. An
+existing run folder is never overwritten unless asked (``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig, to_toml
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+class RunLog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, overwrite: bool = False) -> RunLog:
+        path = cfg.run_dir()
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise RunExistsError(f"run folder {path} already exists; pass --overwrite to "
+                                     "replace it or out=... to choose another")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        log = cls(path)
+        atomic_write(path / "config.toml", to_toml(cfg))
+        return log
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write(self.path / name, json.dumps(_jsonable(data), indent=2) + "\n")
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return read_rounds(self.path)
+
+    def save_state(self, name: str, state: Mapping[str, np.ndarray]) -> Path:
+        from safetensors.numpy import save_file
+
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+        os.replace(tmp, target)
+        return target
+
+
+def read_rounds(path: str | Path) -> list[dict[str, Any]]:
+    file = Path(path) / "rounds.jsonl"
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def load_state(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so a crash never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating | float):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value

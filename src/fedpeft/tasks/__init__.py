@@ -1,0 +1,24 @@
+"""Tasks by name. Each task class lives in the file of its kind (classification, ner, qa)."""
+
+from __future__ import annotations
+
+from ..config import ConfigError, RunConfig
+from .base import DataError, Features, Task
+from .classification import Newsgroups, SemEval, TextFiles
+
+TASKS: dict[str, type[Task]] = {
+    "semeval": SemEval,
+    "20news": Newsgroups,
+    "text-files": TextFiles,
+}
+
+
+def make_task(cfg: RunConfig) -> Task:
+    """The task named by ``cfg.task``."""
+    try:
+        return TASKS[cfg.task](cfg)
+    except KeyError:
+        raise ConfigError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}") from None
+
+
+__all__ = ["TASKS", "DataError", "Features", "Task", "make_task"]

@@ -1,0 +1,199 @@
+"""What every task (classification, NER, extractive QA) provides to the federation.
+
+A task turns raw files into *examples* (one per labelled unit: a sentence, a document, a
+question), gives each example a *partition class* for the Dirichlet split (paper App. A), turns
+examples into model *features* (token ids; one example may give several features, as QA's
+sliding windows do), builds the matching Hugging Face model head, and scores a model on a split.
+The training loop, the federation and the methods never look inside examples: they only see
+features, which is why one loop serves every task.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+
+PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
+REPO_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed. The message names the file, the line and the cause."""
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path, self.line = str(path), line
+
+
+@dataclass
+class Features:
+    """Model inputs of one split: ``rows[i]`` is a dict of int lists, ``example_index[i]`` the
+    example it came from (classification and NER: ``i``; QA: the question of the window)."""
+
+    rows: list[dict[str, list[int]]]
+    example_index: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. QA offsets)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select_examples(self, example_ids: Sequence[int]) -> Features:
+        """The features of the given examples (a client's shard), in feature order."""
+        keep = np.isin(self.example_index, np.asarray(example_ids, dtype=np.int64))
+        idx = np.flatnonzero(keep)
+        extra = {k: [v[i] for i in idx] if isinstance(v, list) else v for k, v in self.extra.items()}
+        return Features([self.rows[i] for i in idx], self.example_index[idx], extra)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(r["input_ids"]) for r in self.rows), dtype=np.int64, count=len(self))
+
+
+class Task(ABC):
+    """Base class of a federated fine-tuning task."""
+
+    name: str = ""
+    kind: str = ""  # "classification" | "ner" | "qa"
+    metric: str = ""  # primary metric key in ``evaluate``'s result
+    default_max_length: int = 128
+    peft_task_type: str = ""  # PEFT TaskType name, so the head is trained and exchanged
+    label_pad_id: int = -100
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._examples: dict[str, list[dict[str, Any]]] = {}
+
+    # --- raw data ------------------------------------------------------------------------------
+    @abstractmethod
+    def _load(self, split: str) -> list[dict[str, Any]]:
+        """Read the raw examples of ``split`` ("train" or "test")."""
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        """Examples of a split, loaded once and truncated to max-{train,test}-samples."""
+        if split not in self._examples:
+            examples = self._load(split)
+            limit = self.cfg.max_train_samples if split == "train" else self.cfg.max_test_samples
+            self._examples[split] = examples[:limit] if limit else examples
+        return self._examples[split]
+
+    @property
+    @abstractmethod
+    def label_names(self) -> list[str]:
+        """Label vocabulary of the model head (class names or BIO tags); empty for QA."""
+
+    @abstractmethod
+    def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
+        """The class of each example for the Dirichlet non-IID split (paper App. A)."""
+
+    # --- model ---------------------------------------------------------------------------------
+    @abstractmethod
+    def auto_model_class(self) -> Any:
+        """The ``transformers.AutoModelFor*`` class of this task."""
+
+    def model_kwargs(self) -> dict[str, Any]:
+        names = self.label_names
+        if not names:
+            return {}
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)}}
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_length or self.default_max_length
+
+    # --- features ------------------------------------------------------------------------------
+    @abstractmethod
+    def featurize(self, examples: list[dict[str, Any]], tokenizer: Any, split: str) -> Features:
+        """Tokenise examples into features (no padding: batches are padded when collated)."""
+
+    def collate(self, rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Pad a batch to its longest row (dynamic padding). Label lists pad with -100."""
+        width = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if isinstance(values[0], int):
+                batch[key] = torch.tensor(values, dtype=torch.long)
+                continue
+            fill = {"input_ids": pad_id, "labels": self.label_pad_id}.get(key, 0)
+            out = torch.full((len(rows), width), fill, dtype=torch.long)
+            for i, v in enumerate(values):
+                out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
+            batch[key] = out
+        return batch
+
+    # --- metrics -------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, examples: list[dict[str, Any]], features: Features,
+                 tokenizer: Any, device: torch.device) -> dict[str, float]:
+        """Score ``model`` on a split; the result holds at least ``self.metric``."""
+
+
+# --- data files ---------------------------------------------------------------------------------
+
+def data_root(cfg: RunConfig) -> Path | None:
+    """The user's data folder: ``data-dir``, else ``$FEDPEFT_DATA``, else None."""
+    explicit = cfg.data_dir or os.environ.get("FEDPEFT_DATA")
+    if explicit:
+        root = Path(explicit).expanduser()
+        if not root.is_dir():
+            source = "data-dir" if cfg.data_dir else "$FEDPEFT_DATA"
+            raise DataError(root, f"data folder given by {source} does not exist")
+        return root
+    return None
+
+
+def find_dataset(cfg: RunConfig, folder: str, files: Sequence[str]) -> dict[str, Path]:
+    """Locate ``files`` of dataset ``folder``.
+
+    Search order: the user's data folder (``data-dir`` / ``$FEDPEFT_DATA``) if given, else the
+    ``shared/data`` folder beside the repository, else the copy embedded in the package (SemEval
+    and WNUT-2017 only, gzipped). A file may also be present gzipped (``name.gz``).
+    """
+    root = data_root(cfg)
+    roots = [root] if root is not None else [REPO_SHARED_DATA, PACKAGE_DATA]
+    tried = []
+    for base in roots:
+        found = {}
+        for name in files:
+            for candidate in (base / folder / name, base / folder / f"{name}.gz"):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+        if len(found) == len(files):
+            return found
+        tried.append(str(base / folder))
+        if root is not None:
+            missing = [n for n in files if n not in found]
+            raise DataError(base / folder / missing[0], "file not found (expected dataset "
+                            f"{folder!r} with files {', '.join(files)})")
+    raise DataError(folder, f"dataset not found; looked in {', '.join(tried)}; "
+                    "pass data-dir=... or set $FEDPEFT_DATA")
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a text file, transparently un-gzipping ``*.gz``. Universal newlines (CRLF ok)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=None)
+    return open(path, encoding="utf-8", newline=None)  # noqa: SIM115
+
+
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline) of a text file."""
+    with open_text(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            yield number, line.rstrip("\n")

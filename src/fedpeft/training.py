@@ -1,0 +1,110 @@
+"""Local training and batched inference, shared by every task and method.
+
+A client's round is ``local_train``: E epochs of AdamW over its shard, batches padded to their
+own longest row (dynamic padding), shuffled by an explicit ``torch.Generator`` so that a round is
+reproducible from (seed, round, client). Inference sorts rows by length so that each batch pads
+as little as possible, and returns the outputs in the original order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Collate = Callable[[Sequence[dict[str, list[int]]]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    steps: int
+    loss: float  # mean training loss over the steps
+    seconds: float
+
+
+def batches(rows: Sequence[dict[str, list[int]]], batch_size: int, collate: Collate,
+            order: Sequence[int] | np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(order), batch_size):
+        yield collate([rows[i] for i in order[start : start + batch_size]])
+
+
+def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], collate: Collate, *,
+                lr: float, epochs: int, batch_size: int, weight_decay: float, max_grad_norm: float,
+                generator: torch.Generator, device: torch.device,
+                after_step: Callable[[], None] | None = None) -> TrainResult:
+    """Train the parameters that require grad on ``rows`` and return what happened.
+
+    ``after_step`` runs after every optimizer step (SLoRA's sparse mask re-applies itself there).
+    A fresh AdamW is made for every call: optimiser state does not survive a round, as in FedAvg.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    autocast = _autocast(device)
+    model.train()
+    start, losses, steps = time.perf_counter(), [], 0
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for batch in batches(rows, batch_size, collate, order):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast:
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {steps}; "
+                                         "lower lr")
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            losses.append(loss.detach())
+            steps += 1
+    model.eval()
+    mean_loss = torch.stack(losses).float().mean().item() if losses else math.nan
+    return TrainResult(len(rows), steps, mean_loss, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], collate: Collate, *,
+            batch_size: int, device: torch.device,
+            outputs: Callable[[object, dict[str, torch.Tensor]], list]) -> list:
+    """Run the model over ``rows`` (length-sorted batches) and return ``outputs(out, batch)``'s
+    per-row items in the original row order. Label keys are not given to the model."""
+    model.eval()
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
+    order = np.argsort(-lengths, kind="stable")
+    results: list = [None] * len(rows)
+    autocast = _autocast(device)
+    position = 0
+    for batch in batches(rows, batch_size, collate, order):
+        inputs = {k: v.to(device) for k, v in batch.items()
+                  if k not in ("labels", "start_positions", "end_positions")}
+        with autocast:
+            out = model(**inputs)
+        for item in outputs(out, batch):
+            results[order[position]] = item
+            position += 1
+    return results
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA devices that support it; a no-op context elsewhere."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but CUDA is not available here")
+    return device
