@@ -22,15 +22,21 @@ from .config import ConfigError, RunConfig, describe_fields, load_config
 # The embedded default of `fedpeft compare`: a real federated FeDeRA-vs-FedLR run on SemEval
 # that finishes in about 10 minutes on 2 CPU cores (see README for the measured output).
 DEMO = RunConfig(
-    task="semeval", rounds=6, num_clients=10, clients_per_round=4, alpha=1.0,
-    max_train_samples=None, eval_every=2, out="runs/demo/{method}",
+    task="semeval", rounds=4, num_clients=10, clients_per_round=3, alpha=1.0, eval_every=2,
+    out="runs/demo/{method}",
 )
 DEMO_METHODS = ["fedlr", "federa"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`run --overwrite rounds=3 seed=1`).
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if "=" not in r or r.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     if args.command is None:
         parser.print_help()
         return 2

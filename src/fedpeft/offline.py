@@ -64,7 +64,7 @@ def quiet_warnings() -> None:
     """Hide library deprecation chatter that says nothing about the user's run."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")

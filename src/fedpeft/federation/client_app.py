@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from ..config import RunConfig  # noqa: E402
 from ..training import local_train  # noqa: E402
 from .runtime import Runtime, anchor_id, cached_runtime  # noqa: E402
-from .state import from_record, load_trainable_state, to_record, trainable_state  # noqa: E402
+from .state import from_record, to_record  # noqa: E402
 
 app = ClientApp()
 
@@ -56,8 +56,9 @@ def train(msg: Message, context: Context) -> Message:
     if "anchor" in msg.content:
         context.state[ANCHOR_KEY] = msg.content["anchor"]
     _ensure_anchor(runtime, str(config.get("anchor-id", "")), context)
+    runtime.method.configure_client(runtime, config)
 
-    load_trainable_state(runtime.model, from_record(msg.content["arrays"]))
+    runtime.method.import_state(runtime.model, from_record(msg.content["arrays"]))
     rows = runtime.client_rows(pid)
     # The local shuffle is a function of (seed, round, client): a round can be replayed.
     seed = np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]
@@ -68,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
         max_grad_norm=cfg.max_grad_norm, generator=generator, device=runtime.device,
         after_step=runtime.method.after_step(runtime.model),
     )
-    arrays = to_record(trainable_state(runtime.model))
+    arrays = to_record(runtime.method.export_state(runtime.model))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.loss,

@@ -29,7 +29,12 @@ from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunLog  # noqa: E402
 from .aggregation import fedavg  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
-from .state import from_record, load_trainable_state, num_parameters, to_record, trainable_state  # noqa: E402
+from .state import (  # noqa: E402
+    from_record,
+    frozen_digest,
+    num_parameters,
+    to_record,
+)
 
 
 class RoundFailed(RuntimeError):
@@ -71,7 +76,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     anchor_t = runtime.method.make_anchor(runtime.model)
     anchor = {k: v.detach().cpu().numpy() for k, v in anchor_t.items()} if anchor_t else None
     anchor_key = anchor_id(anchor)
-    global_state = trainable_state(runtime.model)
+    global_state = runtime.method.export_state(runtime.model)
+    digest_start = frozen_digest(runtime.model)
     partition = runtime.partition()
     log.write_json("partition.json", {
         "num-clients": cfg.num_clients, "alpha": cfg.alpha, "seed": cfg.seed,
@@ -93,8 +99,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         arrays = to_record(global_state)
         messages, bytes_down = [], 0
         for pid in sampled:
-            content = RecordDict({"arrays": arrays,
-                                  "config": ConfigRecord({**base_config, "round": server_round})})
+            config = {**base_config, **runtime.method.client_config(server_round),
+                      "round": server_round}
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
             bytes_down += arrays.count_bytes()
             if anchor is not None and pid not in anchored:
                 content["anchor"] = to_record(anchor)
@@ -121,7 +128,10 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             reasons = "; ".join(f["reason"] for f in failures[:3])
             raise RoundFailed(f"round {server_round}: every sampled client failed: {reasons}")
         global_state = fedavg(states, weights)
-        load_trainable_state(runtime.model, global_state)
+        runtime.method.import_state(runtime.model, global_state)
+        switched = runtime.method.end_round(server_round, runtime, global_state)
+        if switched is not None:
+            global_state = switched
         t_agg = time.perf_counter()
 
         metrics_eval: dict[str, float] = {}
@@ -142,6 +152,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "seconds-client-max": max(client_seconds),
             "seconds-aggregate": t_agg - t_train,
             "seconds-eval": t_end - t_agg,
+            **({"method-state": runtime.method.state_dict()} if runtime.method.state_dict() else {}),
         }
         log.log_round(record)
         history.append(record)
@@ -172,6 +183,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "seconds": time.perf_counter() - started,
         "seconds-setup": setup_seconds,
         "mean-pairwise-js": mean_pairwise_js(partition.histograms),
+        "frozen-digest-start": digest_start,
+        "frozen-digest-end": frozen_digest(runtime.model),
     }
     log.write_json("summary.json", summary)
     return summary

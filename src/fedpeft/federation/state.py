@@ -49,3 +49,15 @@ def to_record(state: Mapping[str, np.ndarray]):  # -> flwr.app.ArrayRecord
 def from_record(record) -> dict[str, np.ndarray]:  # record: flwr.app.ArrayRecord
     """Unwrap a Flower ArrayRecord into ``{name: ndarray}``."""
     return {k: v.numpy() for k, v in record.items()}
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the frozen parameters (names and bytes): shows the base never moved."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

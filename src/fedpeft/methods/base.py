@@ -14,8 +14,10 @@ computes its frozen residual W - s*B0*A0. The server computes this *anchor* once
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import RunConfig
@@ -50,6 +52,42 @@ class Method(ABC):
     def after_step(self, model: torch.nn.Module) -> Callable[[], None] | None:
         """A hook run after every optimizer step (None = nothing to do)."""
         return None
+
+    # --- what travels, and multi-stage methods (SLoRA). The defaults fit single-stage methods.
+    def export_state(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
+        """The tensors a client uploads and the server broadcasts: the trainable parameters."""
+        from ..federation.state import trainable_state
+
+        return trainable_state(model)
+
+    def import_state(self, model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+        """Load a broadcast (or aggregated) state into ``model``."""
+        from ..federation.state import load_trainable_state
+
+        load_trainable_state(model, state)
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        """Extra settings sent to the clients of ``server_round`` (e.g. SLoRA's stage)."""
+        return {}
+
+    def configure_client(self, runtime: Any, config: Mapping[str, Any]) -> None:
+        """Client side, before local training: act on ``client_config`` (e.g. switch stage)."""
+
+    def end_round(self, server_round: int, runtime: Any,
+                  global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Server side, after aggregation (global state already loaded into ``runtime.model``).
+
+        Return a new global state when the method changes what trains (SLoRA's switch from
+        sparse fine-tuning to LoRA); None to keep going.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able server-side method state, saved in checkpoints (e.g. the current stage)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any], runtime: Any) -> None:
+        """Restore ``state_dict`` on resume (rebuilding ``runtime.model`` if the stage needs it)."""
 
 
 def freeze_all_but_head(model: torch.nn.Module) -> None:

@@ -72,6 +72,7 @@ class Task(ABC):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self._all: dict[str, list[dict[str, Any]]] = {}
         self._examples: dict[str, list[dict[str, Any]]] = {}
 
     # --- raw data ------------------------------------------------------------------------------
@@ -79,12 +80,23 @@ class Task(ABC):
     def _load(self, split: str) -> list[dict[str, Any]]:
         """Read the raw examples of ``split`` ("train" or "test")."""
 
+    def all_examples(self, split: str) -> list[dict[str, Any]]:
+        """Every example of a split, loaded once (label vocabularies are built from these)."""
+        if split not in self._all:
+            self._all[split] = self._load(split)
+        return self._all[split]
+
     def examples(self, split: str) -> list[dict[str, Any]]:
-        """Examples of a split, loaded once and truncated to max-{train,test}-samples."""
+        """The examples a run uses: all of them, or a seeded random subset of
+        ``max-train-samples`` / ``max-test-samples`` (kept in file order)."""
         if split not in self._examples:
-            examples = self._load(split)
+            examples = self.all_examples(split)
             limit = self.cfg.max_train_samples if split == "train" else self.cfg.max_test_samples
-            self._examples[split] = examples[:limit] if limit else examples
+            if limit and limit < len(examples):
+                rng = np.random.default_rng([self.cfg.seed, 0 if split == "train" else 1])
+                keep = np.sort(rng.choice(len(examples), size=limit, replace=False))
+                examples = [examples[i] for i in keep]
+            self._examples[split] = examples
         return self._examples[split]
 
     @property

@@ -44,7 +44,7 @@ class ClassificationTask(Task):
 
     def _label_vocabulary(self) -> list[str]:
         """Labels in first-seen order of the training split (subclasses may fix an order)."""
-        return list(dict.fromkeys(e["label"] for e in self.examples("train")))
+        return list(dict.fromkeys(e["label"] for e in self.all_examples("train")))
 
     def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
         return [e["label"] for e in examples]
@@ -157,7 +157,7 @@ class Newsgroups(ClassificationTask):
     default_max_length = 256
 
     def _label_vocabulary(self) -> list[str]:
-        names = sorted({(e["label_id"], e["label"]) for e in self.examples("train")})
+        names = sorted({(e["label_id"], e["label"]) for e in self.all_examples("train")})
         return [n for _, n in names]
 
     def _load(self, split: str) -> list[dict[str, Any]]:
@@ -186,7 +186,7 @@ class TextFiles(ClassificationTask):
     name = "text-files"
 
     def _label_vocabulary(self) -> list[str]:
-        return sorted({e["label"] for e in self.examples("train")})
+        return sorted({e["label"] for e in self.all_examples("train")})
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         path = self.cfg.train_file if split == "train" else self.cfg.test_file
