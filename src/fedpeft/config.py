@@ -62,6 +62,9 @@ class RunConfig:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # --- aggregation and transport (beyond the papers) ----------------------------------------
+    aggregation: str = "fedavg"  # fedavg | exact-lora (mean of s*B*A refactored by SVD)
+    transport_dtype: str = "fp32"  # fp32 | fp16 | bf16: precision of the tensors on the wire
     # --- runtime -----------------------------------------------------------------------------
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
@@ -95,6 +98,11 @@ class RunConfig:
             raise ConfigError(f"max-length must be >= 8 tokens, got {self.max_length}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.aggregation not in ("fedavg", "exact-lora"):
+            raise ConfigError(f"aggregation must be fedavg or exact-lora, got {self.aggregation!r}")
+        if self.transport_dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"transport-dtype must be fp32, fp16 or bf16, got "
+                              f"{self.transport_dtype!r}")
         for name in ("max_train_samples", "max_test_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:

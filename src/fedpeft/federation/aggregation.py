@@ -36,3 +36,46 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.nd
             acc += wi * state[key].astype(np.float64)
         out[key] = acc.astype(states[0][key].dtype)
     return out
+
+
+def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(A key, B key) pairs of the LoRA layers in a state (PEFT names ``...lora_A.<adapter>...``)."""
+    pairs = []
+    for key in keys:
+        if ".lora_A." in key:
+            partner = key.replace(".lora_A.", ".lora_B.")
+            if partner in keys:
+                pairs.append((key, partner))
+    return pairs
+
+
+def exact_lora_mean(states: Sequence[State], weights: Sequence[float], scaling: float,
+                    rank: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Aggregate LoRA factors through their products (beyond the papers).
+
+    FedAvg of A and B separately averages the factors, but mean(B) @ mean(A) != mean(B @ A):
+    the global model is then not the average of the clients' models. Here the server forms the
+    weighted mean of the clients' updates s * B_k @ A_k per layer, and factors it back to rank r
+    with an SVD (A = sqrt(S_r/s) V_r^T, B = U_r sqrt(S_r/s)); the mean of K rank-r products can
+    have rank up to K*r, so the truncation error ||P - s B A||_F / ||P||_F is returned per layer.
+    Tensors that are not LoRA factors (the head) are averaged as in ``fedavg``.
+    """
+    import torch
+
+    from ..methods.lora import svd_factors
+
+    out = fedavg(states, weights)  # the head; LoRA entries are overwritten below
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    errors = {}
+    for key_a, key_b in lora_pairs(list(states[0])):
+        product = sum(wi * (s[key_b].astype(np.float64) @ s[key_a].astype(np.float64))
+                      for wi, s in zip(w, states, strict=True)) * scaling  # (d_out, d_in)
+        a, b = svd_factors(torch.from_numpy(product), rank, scaling)
+        approx = scaling * (b.numpy() @ a.numpy())
+        norm = np.linalg.norm(product)
+        errors[key_a.split(".lora_A.")[0]] = float(np.linalg.norm(product - approx) / norm) \
+            if norm > 0 else 0.0
+        out[key_a] = a.numpy().astype(states[0][key_a].dtype)
+        out[key_b] = b.numpy().astype(states[0][key_b].dtype)
+    return out, errors

@@ -61,3 +61,31 @@ def frozen_digest(model: torch.nn.Module) -> str:
             digest.update(name.encode())
             digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+TRANSPORT_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def encode(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Cast float tensors for the wire: ``fp32`` (as is), ``fp16``, or ``bf16`` (sent as the
+    raw 16-bit patterns in an int16 array, since numpy has no bfloat16). Halves the bytes."""
+    if dtype == "fp32":
+        return dict(state)
+    if dtype == "fp16":
+        return {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+    if dtype == "bf16":
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16).view(torch.int16)
+                .numpy() if v.dtype == np.float32 else v for k, v in state.items()}
+    raise ValueError(f"transport-dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
+
+
+def decode(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Inverse of ``encode``: back to float32 for training and aggregation."""
+    if dtype == "fp32":
+        return dict(state)
+    if dtype == "fp16":
+        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in state.items()}
+    if dtype == "bf16":
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).view(torch.bfloat16).float().numpy()
+                if v.dtype == np.int16 else v for k, v in state.items()}
+    raise ValueError(f"transport-dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
