@@ -98,3 +98,20 @@ def test_label_only_in_test_is_an_error(tmp_path: Path, tiny_models):
     task = make_task(cfg)
     with pytest.raises(DataError, match=r"labels \['z'\] occur in the test split"):
         task.featurize(task.examples("test"), load_tokenizer(tiny_models("bert")), "test")
+
+
+def test_validation_split_is_carved_from_train_only():
+    task = make_task(RunConfig(task="semeval", valid_fraction=0.1))
+    train, valid, test = task.examples("train"), task.examples("valid"), task.examples("test")
+    assert len(train) + len(valid) == 8000 and 700 < len(valid) < 900
+    assert {e["id"] for e in train}.isdisjoint(e["id"] for e in valid)
+    assert len(test) == 2717
+    again = make_task(RunConfig(task="semeval", valid_fraction=0.1)).examples("valid")
+    assert [e["id"] for e in again] == [e["id"] for e in valid]
+
+
+def test_sample_limits_take_a_seeded_subset_of_every_label_order():
+    a = make_task(RunConfig(task="20news", max_train_samples=200, seed=0)).examples("train")
+    b = make_task(RunConfig(task="20news", max_train_samples=200, seed=1)).examples("train")
+    assert len({e["label"] for e in a}) > 10  # the file is sorted by label; the subset is not
+    assert [e["text"] for e in a] != [e["text"] for e in b]

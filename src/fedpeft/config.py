@@ -55,8 +55,9 @@ class RunConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None  # None = query/value of the architecture
     # --- data size limits (for quick runs and tests) -----------------------------------------
-    max_train_samples: int | None = None  # take the first n training examples
-    max_test_samples: int | None = None  # take the first n test examples
+    max_train_samples: int | None = None  # a seeded random subset of n training examples
+    max_test_samples: int | None = None  # a seeded random subset of n test examples
+    valid_fraction: float = 0.0  # hold out this share of train as a validation split (lr choice)
     # --- bring-your-own data -----------------------------------------------------------------
     train_file: str | None = None
     test_file: str | None = None
@@ -98,6 +99,8 @@ class RunConfig:
             raise ConfigError(f"max-length must be >= 8 tokens, got {self.max_length}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if self.aggregation not in ("fedavg", "exact-lora"):
             raise ConfigError(f"aggregation must be fedavg or exact-lora, got {self.aggregation!r}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):

@@ -87,13 +87,25 @@ class Task(ABC):
         return self._all[split]
 
     def examples(self, split: str) -> list[dict[str, Any]]:
-        """The examples a run uses: all of them, or a seeded random subset of
-        ``max-train-samples`` / ``max-test-samples`` (kept in file order)."""
+        """The examples a run uses for ``split`` ("train", "valid" or "test").
+
+        With ``valid-fraction`` > 0 a seeded share of the training file becomes the "valid"
+        split (for choosing learning rates, never the test set) and "train" is the rest.
+        ``max-train-samples`` / ``max-test-samples`` then take a seeded random subset (kept in
+        file order).
+        """
         if split not in self._examples:
-            examples = self.all_examples(split)
-            limit = self.cfg.max_train_samples if split == "train" else self.cfg.max_test_samples
-            if limit and limit < len(examples):
-                rng = np.random.default_rng([self.cfg.seed, 0 if split == "train" else 1])
+            source = "test" if split == "test" else "train"
+            examples = self.all_examples(source)
+            if source == "train" and self.cfg.valid_fraction > 0:
+                rng = np.random.default_rng([self.cfg.seed, 2])
+                held = rng.random(len(examples)) < self.cfg.valid_fraction
+                examples = [e for e, h in zip(examples, held, strict=True) if h == (split == "valid")]
+            elif split == "valid":
+                raise ValueError("the valid split needs valid-fraction > 0")
+            limit = self.cfg.max_test_samples if split == "test" else self.cfg.max_train_samples
+            if split != "valid" and limit and limit < len(examples):
+                rng = np.random.default_rng([self.cfg.seed, 1 if split == "test" else 0])
                 keep = np.sort(rng.choice(len(examples), size=limit, replace=False))
                 examples = [examples[i] for i in keep]
             self._examples[split] = examples
