@@ -23,7 +23,6 @@ from .config import ConfigError, RunConfig, describe_fields, load_config
 # that finishes in about 10 minutes on 2 CPU cores (see README for the measured output).
 DEMO = RunConfig(
     task="semeval", rounds=4, num_clients=10, clients_per_round=3, alpha=1.0, eval_every=2,
-    out="runs/demo/{method}",
 )
 DEMO_METHODS = ["fedlr", "federa"]
 
@@ -80,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default=",".join(DEMO_METHODS),
                          help="comma-separated methods (default: %(default)s)")
     compare.add_argument("--overwrite", action="store_true", help="redo finished runs")
+    compare.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                         help="run every value of a setting (repeatable: a grid)")
+    compare.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR1,LR2",
+                         help="learning rates to try for a method; the best on a validation "
+                         "split carved from train is kept (repeatable)")
+    compare.add_argument("--seeds", default=None, help="comma-separated seeds (default: seed)")
+    compare.add_argument("--root", default=None, help="folder of the runs (default: "
+                         "runs/demo for the demo, else runs/compare/<task>-a<alpha>)")
     command("partition", _partition, "print the Dirichlet split's statistics without training")
     command("methods", _methods, "trainable parameters and bytes per client per round, "
             "per method, for the configured model and task")
@@ -97,34 +104,40 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import json
-
+    from .compare import default_root, parse_assignments, plan, run_jobs, select_learning_rates
     from .federation.simulation import simulate
 
-    base = load_config(args.config, args.overrides, base=DEMO)
-    summaries = []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        cfg = load_config(None, [f"method={method}"], base=base)
-        done = cfg.run_dir() / "summary.json"
-        if done.exists() and not args.overwrite:
-            print(f"{method}: finished run found in {cfg.run_dir()}, not redone", file=sys.stderr)
-            summaries.append(json.loads(done.read_text()))
-            continue
-        summaries.append(simulate(cfg, overwrite=True))
-    print(results_table(summaries))
+    demo = not (args.overrides or args.config or args.sweep or args.lr_grid)
+    base = load_config(args.config, args.overrides, base=DEMO if demo else None)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    root = args.root or ("runs/demo" if demo else default_root(base))
+    jobs = plan(base, methods, parse_assignments(args.sweep, "--sweep"),
+                parse_assignments(args.lr_grid, "--lr-grid"), seeds, root)
+    results = run_jobs(jobs, lambda cfg: simulate(cfg, overwrite=True), overwrite=args.overwrite,
+                       log=lambda line: print(line, file=sys.stderr))
+    print(results_table(select_learning_rates(results)))
     return 0
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table: method, rounds, test metric, trainable params, bytes per client-round."""
-    head = ("| method | rounds | test {m} | best {m} | trainable params | MB per client-round "
-            "| minutes |").format(m=summaries[0]["metric"] if summaries else "metric")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    metric = summaries[0]["metric"] if summaries else "metric"
+    swept = sorted({k for s in summaries if "job" in s for k in s["job"].sweep})
+    seeds = len({s["job"].seed for s in summaries if "job" in s}) > 1
+    grid = any("chosen-lr" in s for s in summaries)
+    columns = ["method", *swept, *(["seed"] if seeds else []), "rounds", f"test {metric}",
+               f"best {metric}", *(["chosen lr (valid)"] if grid else ["lr"]),
+               "trainable params", "MB per client-round", "minutes"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for s in summaries:
-        final = s["final"].get(s["metric"])
-        lines.append(f"| {s['method']} | {s['rounds']} | {_fmt(final)} | {_fmt(s['best'])} "
-                     f"| {s['trainable-params']:,} | {s['bytes-per-client-round'] / 1e6:.2f} "
-                     f"| {s['seconds'] / 60:.1f} |")
+        job = s.get("job")
+        cells = [s["method"], *(job.sweep.get(k, "") if job else "" for k in swept),
+                 *([str(job.seed if job else "")] if seeds else []), str(s["rounds"]),
+                 _fmt(s["final"].get(metric)), _fmt(s["best"]), f"{s['lr']:g}",
+                 f"{s['trainable-params']:,}", f"{s['bytes-per-client-round'] / 1e6:.2f}",
+                 f"{s['seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

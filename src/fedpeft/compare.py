@@ -1,0 +1,112 @@
+"""Comparisons: several methods (and sweeps over any setting, seeds and per-method learning-rate
+grids) on the same partition, each run in its own folder, finished runs never redone.
+
+Learning rates (FeDeRA paper Sec. 5.1 picks each method's best from a grid): with a grid for a
+method, every rate is run with a validation split carved from the training data
+(``valid-fraction``, default 0.1 here) and the rate with the best final *validation* metric is
+chosen; the table reports that run's *test* metric and the chosen rate. The test set never
+takes part in the choice.
+
+    fedpeft compare --methods fedlr,federa --lr-grid fedlr=1e-3,2e-3,5e-3 \\
+        --lr-grid federa=5e-4,1e-3,2e-3 --sweep alpha=0.1,1 --seeds 0,1 rounds=100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_config
+
+
+@dataclasses.dataclass
+class Job:
+    cfg: RunConfig
+    method: str
+    sweep: dict[str, str]  # swept setting -> value (as written by the user)
+    seed: int
+    lr: float | None  # None = the method's default rate (no grid)
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, list[str]]:
+    """``["alpha=0.1,1", "lora-rank=4,8"]`` -> ``{"alpha": ["0.1", "1"], ...}``."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise ConfigError(f"{what} {item!r} must look like key=v1,v2,...")
+        out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return out
+
+
+def plan(base: RunConfig, methods: list[str], sweeps: dict[str, list[str]],
+         lr_grids: dict[str, list[str]], seeds: list[int], root: str) -> list[Job]:
+    """Every run of the comparison, each with its own resolved, validated config and folder."""
+    unknown = sorted(set(lr_grids) - set(methods))
+    if unknown:
+        raise ConfigError(f"--lr-grid names methods {unknown} that are not in --methods")
+    jobs = []
+    keys = list(sweeps)
+    for method in methods:
+        for values in itertools.product(*(sweeps[k] for k in keys)):
+            sweep = dict(zip(keys, values, strict=True))
+            for seed in seeds:
+                for lr in lr_grids.get(method, [None]):
+                    name = method + "".join(f"-{k}{v}" for k, v in sweep.items())
+                    name += f"-s{seed}" + (f"-lr{lr}" if lr is not None else "")
+                    overrides = [f"method={method}", f"seed={seed}", f"out={root}/{name}",
+                                 *(f"{k}={v}" for k, v in sweep.items())]
+                    if lr is not None:
+                        overrides.append(f"lr={lr}")
+                        if base.valid_fraction == 0:
+                            overrides.append("valid-fraction=0.1")
+                    cfg = load_config(None, overrides, base=base)
+                    jobs.append(Job(cfg, method, sweep, seed, float(lr) if lr else None))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], simulate: Callable[[RunConfig], dict[str, Any]],
+             overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run each job unless its folder already holds a finished run; return the summaries."""
+    summaries = []
+    for i, job in enumerate(jobs, start=1):
+        done = job.cfg.run_dir() / "summary.json"
+        if done.exists() and not overwrite:
+            log(f"[{i}/{len(jobs)}] {job.cfg.run_dir()}: finished, not redone")
+            summary = json.loads(done.read_text())
+        else:
+            log(f"[{i}/{len(jobs)}] {job.cfg.run_dir()}")
+            summary = simulate(job.cfg)
+        summaries.append({**summary, "job": job})
+    return summaries
+
+
+def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep, per (method, sweep, seed), the run whose final validation metric is best; runs
+    without a grid pass through. The kept summary gains ``chosen-lr`` and ``lr-candidates``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        job: Job = r["job"]
+        groups.setdefault((job.method, tuple(job.sweep.items()), job.seed), []).append(r)
+    kept = []
+    for runs in groups.values():
+        if runs[0]["job"].lr is None:
+            kept.extend(runs)
+            continue
+        key = f"valid-{runs[0]['metric']}"
+        missing = [r["job"].cfg.run_dir() for r in runs if key not in r["final"]]
+        if missing:
+            raise ValueError(f"runs {missing[:2]} have no final {key}; learning rates are chosen "
+                             "on the validation split")
+        best = max(runs, key=lambda r: r["final"][key])
+        kept.append({**best, "chosen-lr": best["job"].lr,
+                     "lr-candidates": {r["job"].lr: r["final"][key] for r in runs}})
+    return kept
+
+
+def default_root(base: RunConfig) -> str:
+    return str(Path("runs") / "compare" / f"{base.task}-a{base.alpha}")

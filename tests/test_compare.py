@@ -1,0 +1,58 @@
+"""Comparison planning, resumability and learning-rate choice on the validation split."""
+
+import json
+
+import pytest
+
+from fedpeft.compare import parse_assignments, plan, run_jobs, select_learning_rates
+from fedpeft.config import ConfigError, RunConfig
+
+
+def fake_simulate(scores: dict):
+    """A stand-in for a federated run: the 'valid' and test metrics depend on (method, lr)."""
+    calls = []
+
+    def simulate(cfg: RunConfig) -> dict:
+        calls.append(cfg)
+        valid, test = scores[(cfg.method, cfg.lr)]
+        summary = {"method": cfg.method, "metric": "accuracy", "rounds": cfg.rounds,
+                   "final": {"accuracy": test, "valid-accuracy": valid}, "best": test,
+                   "lr": cfg.lr, "trainable-params": 10, "bytes-per-client-round": 1e6,
+                   "seconds": 60.0}
+        cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    return simulate, calls
+
+
+def test_plan_expands_methods_sweeps_seeds_and_grids(tmp_path):
+    base = RunConfig(num_clients=10, clients_per_round=2)
+    jobs = plan(base, ["fedlr", "federa"], parse_assignments(["alpha=0.1,1"], "--sweep"),
+                parse_assignments(["fedlr=1e-3,2e-3"], "--lr-grid"), [0, 1], str(tmp_path))
+    assert len(jobs) == 2 * 2 * 2 + 1 * 2 * 2  # fedlr: 2 alphas x 2 seeds x 2 lrs; federa: 4
+    names = {j.cfg.run_dir().name for j in jobs}
+    assert "fedlr-alpha0.1-s1-lr2e-3" in names and "federa-alpha1-s0" in names
+    grid = [j for j in jobs if j.lr is not None]
+    assert all(j.cfg.valid_fraction == 0.1 for j in grid)  # lr chosen on a validation split
+    assert all(j.cfg.valid_fraction == 0.0 for j in jobs if j.lr is None)
+    with pytest.raises(ConfigError, match="not in --methods"):
+        plan(base, ["fedlr"], {}, {"fedft": ["1e-4"]}, [0], str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown setting"):
+        plan(base, ["fedlr"], {"alpah": ["1"]}, {}, [0], str(tmp_path))
+
+
+def test_best_validation_lr_is_chosen_and_test_is_reported(tmp_path):
+    scores = {("fedlr", 1e-3): (0.40, 0.50), ("fedlr", 2e-3): (0.45, 0.41),
+              ("federa", None): (0.0, 0.55)}
+    simulate, calls = fake_simulate(scores)
+    jobs = plan(RunConfig(), ["fedlr", "federa"], {}, {"fedlr": ["1e-3", "2e-3"]}, [0],
+                str(tmp_path))
+    kept = select_learning_rates(run_jobs(jobs, simulate, log=lambda _: None))
+    fedlr = next(k for k in kept if k["method"] == "fedlr")
+    assert fedlr["chosen-lr"] == 2e-3  # best validation accuracy, although its test is lower
+    assert fedlr["final"]["accuracy"] == 0.41
+    assert len(kept) == 2 and len(calls) == 3
+    # A second invocation finds every finished run and redoes none.
+    again = run_jobs(jobs, simulate, log=lambda _: None)
+    assert len(calls) == 3 and len(again) == 3
