@@ -187,7 +187,7 @@ def _field_name(key: str) -> str:
     name = key.replace("-", "_")
     if name not in _FIELDS:
         known = [_kebab(n) for n in _FIELDS]
-        close = difflib.get_close_matches(_kebab(name), known, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(_kebab(name), known, n=3, cutoff=0.75)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ConfigError(f"unknown setting {key!r}{hint} (see `fedpeft run --help-config`)")
     return name
