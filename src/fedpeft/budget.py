@@ -4,34 +4,50 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from .config import RunConfig
 
 
-def method_budget(cfg: RunConfig) -> dict[str, Any]:
-    """Build ``cfg.method`` on ``cfg.model`` and count what trains and what travels."""
+def method_budget(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Build ``cfg.method`` on ``cfg.model`` and count what trains and what travels.
+
+    One row per stage: a multi-stage method (SLoRA) changes what travels between rounds through
+    ``client_config``, so the rounds are grouped by the config their clients receive.
+    """
     from .federation.runtime import Runtime
     from .federation.state import num_parameters, to_record, trainable_state
 
     runtime = Runtime(cfg)
     anchor = runtime.method.make_anchor(runtime.model)
-    state = trainable_state(runtime.model)
-    payload = to_record(state).count_bytes()
-    total = sum(p.numel() for p in runtime.model.parameters())
-    return {
-        "method": cfg.method,
-        "trainable-params": num_parameters(state),
-        "trainable-percent": 100.0 * num_parameters(state) / total,
-        "bytes-up": payload,
-        "bytes-down": payload,
-        "anchor-bytes": to_record({k: v.cpu().numpy() for k, v in anchor.items()}).count_bytes()
-        if anchor else 0,
-    }
+    anchor_bytes = to_record({k: v.cpu().numpy() for k, v in anchor.items()}).count_bytes() \
+        if anchor else 0
+    stages: dict[str, list[int]] = {}
+    for server_round in range(1, cfg.rounds + 1):
+        key = json.dumps(runtime.method.client_config(server_round), sort_keys=True)
+        stages.setdefault(key, []).append(server_round)
+    rows = []
+    for key, rounds in stages.items():
+        runtime.method.configure_client(runtime, json.loads(key))
+        state = trainable_state(runtime.model)
+        payload = to_record(state).count_bytes()
+        total = sum(p.numel() for p in runtime.model.parameters())
+        label = (cfg.method if len(stages) == 1
+                 else f"{cfg.method} (rounds {rounds[0]}-{rounds[-1]})")
+        rows.append({
+            "method": label,
+            "trainable-params": num_parameters(state),
+            "trainable-percent": 100.0 * num_parameters(state) / total,
+            "bytes-up": payload,
+            "bytes-down": payload,
+            "anchor-bytes": anchor_bytes,
+        })
+    return rows
 
 
 def budget_table(cfg: RunConfig, methods: list[str]) -> str:
-    rows = [method_budget(dataclasses.replace(cfg, method=m)) for m in methods]
+    rows = [row for m in methods for row in method_budget(dataclasses.replace(cfg, method=m))]
     lines = [f"model={cfg.model} task={cfg.task}",
              "| method | trainable params | % of model | MB up per round | MB down per round "
              "| one-off MB (anchor) |",

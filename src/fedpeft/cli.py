@@ -4,6 +4,7 @@
     fedpeft compare [--methods a,b] [key=value ...]  several methods on the same partition + table
     fedpeft partition [key=value ...]                the non-IID split's statistics, no training
     fedpeft methods [key=value ...]                  trainable parameters and bytes per method
+    fedpeft export RUN_DIR --format peft|merged --out DIR   the final model, outside fedpeft
     fedpeft run --help-config                        every setting with its default
 
 Settings are ``RunConfig`` fields in kebab case (``num-clients=100``); see ``fedpeft.config``.
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, PartitionError, RunExistsError, ValueError) as err:
+    # OSError: a model folder or hub id that cannot be read (transformers raises OSError)
+    except (ConfigError, DataError, PartitionError, RunExistsError, ValueError, OSError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -74,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", _run, "one federated fine-tuning run (simulation on this machine)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last "
+                     "finished round (its config.toml; only rounds, timeouts and the like may "
+                     "be overridden)")
     compare = command("compare", _compare, "several methods on the same partition, then a table; "
                       "with no arguments, the embedded FeDeRA-vs-FedLR demo on SemEval")
     compare.add_argument("--methods", default=",".join(DEMO_METHODS),
@@ -90,15 +95,68 @@ def _parser() -> argparse.ArgumentParser:
     command("partition", _partition, "print the Dirichlet split's statistics without training")
     command("methods", _methods, "trainable parameters and bytes per client per round, "
             "per method, for the configured model and task")
+    export = sub.add_parser("export", help="save a finished run's global model as a PEFT "
+                            "adapter or a merged transformers model", description=(
+                                "Export RUN_DIR's final global model (see fedpeft.export): "
+                                "--format peft for the LoRA family (PeftModel.from_pretrained), "
+                                "--format merged for a full model "
+                                "(AutoModelFor*.from_pretrained)."))
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    export.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.set_defaults(func=_export, overrides=[])
+    report = sub.add_parser("report", help="REPORT.md + PNG plots from run folders (tables, "
+                            "time to target, partitions, drift)", description=(
+                                "Build REPORT.md and its plots from run folders only (see "
+                                "docs/reports.md). RUN_DIR: a run folder or a tree of them."))
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default=None,
+                        help="output folder (default: report/ beside the runs)")
+    report.add_argument("--target", type=float, default=None, help="target metric for time to "
+                        "target (default: the best mean final metric among the runs)")
+    report.add_argument("--bandwidth-mbit", type=float, default=25.0,
+                        help="client link for the modelled time, Mbit/s (default: %(default)s)")
+    report.add_argument("--rounds", default=None, help="comma-separated rounds for the table "
+                        "(default: 10,50,100 where evaluated, else up to 3 evaluated rounds)")
+    report.add_argument("--metric", default=None, help="metric to report (default: the task's)")
+    report.set_defaults(func=_report, overrides=[])
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report, parse_rounds, report_command
+
+    path = build_report(args.run_dirs, out=args.out, target=args.target,
+                        bandwidth_mbit=args.bandwidth_mbit, rounds=parse_rounds(args.rounds),
+                        metric=args.metric, command=report_command(args))
+    print(f"wrote {path} and its figures")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.fmt, args.out)
+    print(f"wrote {args.fmt} export of {args.run_dir} to {out}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from .federation.simulation import simulate
 
-    cfg = load_config(args.config, args.overrides)
-    summary = simulate(cfg, overwrite=args.overwrite)
+    if args.resume:
+        from .federation.checkpoint import resume_config
+
+        if args.config or args.overwrite:
+            raise ConfigError("--resume takes the run's own config.toml; drop --config/--overwrite")
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    summary = simulate(cfg, overwrite=args.overwrite, resume=bool(args.resume))
     print(results_table([summary]))
+    if summary.get("failures") or summary.get("rejected") or summary.get("skipped-rounds"):
+        print(f"clients failed {summary['failures']} time(s), {summary['rejected']} update(s) "
+              f"rejected, {summary['skipped-rounds']} round(s) skipped (see rounds.jsonl)")
     print(f"run folder: {cfg.run_dir()}")
     return 0
 

@@ -54,6 +54,12 @@ class RunConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None  # None = query/value of the architecture
+    # --- FedAP adapters and SLoRA's sparse first stage (see docs/methods.md) -----------------
+    adapter_reduction: int = 16  # FedAP bottleneck width = hidden size / this (FedPETuning: 16)
+    adapter_modules: list[str] | None = None  # FedAP sites under each layer; None = attn/FFN outs
+    slora_stage1_rounds: int | None = None  # SLoRA sparse rounds, then LoRA; None = rounds//4 (>=1)
+    slora_density: float = 0.01  # SLoRA stage 1: share of each target matrix that trains (~1%)
+    slora_stage1_lr: float | None = None  # None = SLoRA's stage-1 default (lr applies to stage 2)
     # --- data size limits (for quick runs and tests) -----------------------------------------
     max_train_samples: int | None = None  # a seeded random subset of n training examples
     max_test_samples: int | None = None  # a seeded random subset of n test examples
@@ -63,9 +69,24 @@ class RunConfig:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    token_column: int = 0  # conll-files: 0-based column of the token
+    tag_column: int = -1  # conll-files: 0-based column of the BIO tag (-1 = last)
+    skip_invalid: bool = False  # conll-files/squad-files: skip bad sentences/questions (counted)
+    ner_max_classes: int = 16  # NER partition classes: 15 commonest entity sets + "other"; 0=all
+    doc_stride: int = 128  # QA: tokens shared by consecutive sliding windows (paper L=384)
+    max_answer_length: int = 30  # QA: longest predicted answer span, in tokens
+    n_best: int = 20  # QA: start and end candidates per window considered in post-processing
     # --- aggregation and transport (beyond the papers) ----------------------------------------
     aggregation: str = "fedavg"  # fedavg | exact-lora (mean of s*B*A refactored by SVD)
     transport_dtype: str = "fp32"  # fp32 | fp16 | bf16: precision of the tensors on the wire
+    # --- failing clients and bad updates (see docs/deployment.md) ----------------------------
+    round_timeout: float = 0.0  # seconds a round waits for replies; later ones fail; 0 = no limit
+    min_train_clients: int = 1  # valid updates a round needs, else on-round-failure applies
+    on_round_failure: str = "retry"  # retry (new sample, up to round-retries, then skip) | skip
+    round_retries: int = 2  # extra attempts of a round that got too few valid updates
+    max_update_norm: float = 100.0  # reject ||w_k - w|| > this * max(1, ||w||); 0 = no bound
+    fail_rate: float = 0.0  # TESTING AID: share of sampled clients that fail on purpose (seeded)
+    fail_mode: str = "raise"  # TESTING AID: raise | hang (past round-timeout) | nan | huge
     # --- runtime -----------------------------------------------------------------------------
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
@@ -103,6 +124,16 @@ class RunConfig:
             raise ConfigError(f"valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if self.aggregation not in ("fedavg", "exact-lora"):
             raise ConfigError(f"aggregation must be fedavg or exact-lora, got {self.aggregation!r}")
+        if self.adapter_reduction <= 0:
+            raise ConfigError(f"adapter-reduction must be > 0, got {self.adapter_reduction}")
+        if not 0.0 < self.slora_density <= 1.0:
+            raise ConfigError(f"slora-density must be in (0, 1], got {self.slora_density}")
+        r1 = self.slora_stage1_rounds
+        if r1 is not None and not 1 <= r1 <= self.rounds:
+            raise ConfigError(f"slora-stage1-rounds must be in [1, rounds={self.rounds}], got "
+                              f"{self.slora_stage1_rounds}")
+        if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
+            raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"transport-dtype must be fp32, fp16 or bf16, got "
                               f"{self.transport_dtype!r}")
@@ -110,6 +141,28 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {value}")
+        if self.max_answer_length <= 0 or self.n_best <= 0 or self.doc_stride < 0:
+            raise ConfigError("max-answer-length and n-best must be > 0 and doc-stride >= 0, got "
+                              f"{self.max_answer_length}, {self.n_best}, {self.doc_stride}")
+        if self.ner_max_classes == 1 or self.ner_max_classes < 0:
+            raise ConfigError(f"ner-max-classes must be 0 (keep all) or >= 2, got "
+                              f"{self.ner_max_classes}")
+        if not 1 <= self.min_train_clients <= self.clients_per_round:
+            raise ConfigError(f"min-train-clients must be in [1, clients-per-round="
+                              f"{self.clients_per_round}], got {self.min_train_clients}")
+        if self.on_round_failure not in ("retry", "skip"):
+            raise ConfigError(f"on-round-failure must be retry or skip, got "
+                              f"{self.on_round_failure!r}")
+        if self.round_retries < 0 or self.round_timeout < 0 or self.max_update_norm < 0:
+            raise ConfigError("round-retries, round-timeout and max-update-norm must be >= 0, "
+                              f"got {self.round_retries}, {self.round_timeout}, "
+                              f"{self.max_update_norm}")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ConfigError(f"fail-rate must be in [0, 1], got {self.fail_rate}")
+        if self.fail_mode not in ("raise", "hang", "nan", "huge"):
+            raise ConfigError(f"fail-mode must be raise, hang, nan or huge, got {self.fail_mode!r}")
+        if self.fail_mode == "hang" and self.fail_rate > 0 and not self.round_timeout > 0:
+            raise ConfigError("fail-mode=hang needs round-timeout > 0 (else the round never ends)")
         return self
 
     def run_dir(self) -> Path:

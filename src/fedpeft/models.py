@@ -29,6 +29,20 @@ QUERY_VALUE = {
     "albert": ("query", "value"),
 }
 
+# model_type -> where FedAP's bottleneck adapters go: the attention output projection and the
+# feed-forward output projection, as paths under each layer (``<...>.layer.<i>.<path>``).
+ADAPTER_SITES = {
+    "bert": ("attention.output.dense", "output.dense"),
+    "roberta": ("attention.output.dense", "output.dense"),
+    "xlm-roberta": ("attention.output.dense", "output.dense"),
+    "electra": ("attention.output.dense", "output.dense"),
+    "camembert": ("attention.output.dense", "output.dense"),
+    "mpnet": ("attention.o", "output.dense"),
+    "deberta": ("attention.output.dense", "output.dense"),
+    "deberta-v2": ("attention.output.dense", "output.dense"),
+    "distilbert": ("attention.out_lin", "ffn.lin2"),
+}
+
 
 def quiet_transformers() -> None:
     """Silence transformers' load reports and progress bars (library code prints nothing)."""
@@ -94,6 +108,29 @@ def query_value_modules(model: torch.nn.Module, override: list[str] | None = Non
                          f"pass target-modules=... choosing from its linear layers: "
                          f"{', '.join(available)}")
     return list(names)
+
+
+def adapter_sites(model: torch.nn.Module, override: list[str] | None = None) -> list[str]:
+    """Full names of the linear layers after which FedAP inserts an adapter, in model order.
+
+    A site is a path right under a numbered layer: ``output.dense`` matches
+    ``bert.encoder.layer.3.output.dense`` but not ``bert.encoder.layer.3.attention.output.dense``.
+    ``override`` (``adapter-modules=...``) replaces the architecture's defaults.
+    """
+    import re
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    paths = list(override) if override else list(ADAPTER_SITES.get(model_type or "", ()))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    found = {p: [n for n in linear if re.search(rf"\.\d+\.{re.escape(p)}$", n)] for p in paths}
+    if not paths or not all(found.values()):
+        missing = [p for p, names in found.items() if not names] or ["(none known)"]
+        raise ValueError(f"cannot place adapters in model type {model_type!r}: no per-layer "
+                         f"linear layer {missing}; pass adapter-modules=... (paths under each "
+                         f"layer) choosing from its linear layers: "
+                         f"{', '.join(linear_layer_names(model))}")
+    sites = set().union(*found.values())
+    return [n for n in linear if n in sites]
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:

@@ -60,6 +60,12 @@ class RunLog:
     def rounds(self) -> list[dict[str, Any]]:
         return read_rounds(self.path)
 
+    def reset_rounds(self, records: list[Mapping[str, Any]]) -> None:
+        """Replace ``rounds.jsonl`` with ``records`` (a resumed run restarts from its checkpoint,
+        dropping the line of any round that finished after the checkpoint was written)."""
+        atomic_write(self.path / "rounds.jsonl",
+                     "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+
     def save_state(self, name: str, state: Mapping[str, np.ndarray]) -> Path:
         from safetensors.numpy import save_file
 
@@ -68,6 +74,11 @@ class RunLog:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
         os.replace(tmp, target)
         return target
+
+
+def as_logged(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` as it reads back from ``rounds.jsonl`` (numpy scalars -> numbers, NaN -> None)."""
+    return json.loads(json.dumps(_jsonable(record)))
 
 
 def read_rounds(path: str | Path) -> list[dict[str, Any]]:

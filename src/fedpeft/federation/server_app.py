@@ -1,13 +1,17 @@
 """The Flower ServerApp: FedAvg rounds over the trainable tensors, with server-side evaluation.
 
-The server drives the rounds itself through the Grid (``send_and_receive``) rather than through
-``FedAvg.start``: client sampling is a seeded generator over *partition ids* (so a run is the
-same whichever node ids the deployment hands out, and can be replayed), a method may change
-what travels between rounds, and every round is measured (bytes each way, seconds per phase).
+The server drives the rounds itself through the Grid rather than through ``FedAvg.start``:
+client sampling is a seeded generator over *partition ids* (so a run is the same whichever node
+ids the deployment hands out, and can be replayed), a method may change what travels between
+rounds, and every round is measured (bytes each way, seconds per phase).
 
-Per round: sample K of N clients, send each the global trainable state (plus, on its first
-contact, the method's anchor), wait for the replies, average them weighted by example count,
-evaluate the global model on the test split every ``eval-every`` rounds, and log one line.
+Per round: sample K of N clients, send each the global trainable state (plus, if it does not
+hold it yet, the method's anchor), wait up to ``round-timeout`` for the replies, validate each
+update (``validation.py``) and average the valid ones weighted by example count, evaluate the
+global model every ``eval-every`` rounds, log one line and write a checkpoint
+(``checkpoint.py``). A client that raises, hangs or disappears, or whose update is rejected,
+is logged and left out; a round with fewer than ``min-train-clients`` valid updates is retried
+with a new sample or skipped (``on-round-failure``), never fatal.
 """
 
 from __future__ import annotations
@@ -16,154 +20,308 @@ from .. import offline
 
 offline.apply()
 
+import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from ..config import RunConfig  # noqa: E402
+from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
-from ..runlog import RunLog  # noqa: E402
-from .aggregation import fedavg  # noqa: E402
+from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
+from .aggregation import exact_lora_mean, fedavg  # noqa: E402
+from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint  # noqa: E402
+from .exchange import Nodes, discover_nodes, exchange, refresh_nodes  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
 from .state import (  # noqa: E402
+    decode,
+    encode,
     from_record,
     frozen_digest,
     num_parameters,
     to_record,
 )
+from .validation import check_finite, check_update, check_weight, ordered_like  # noqa: E402
+
+Record = dict[str, Any]
 
 
-class RoundFailed(RuntimeError):
-    pass
+@dataclass
+class Update:
+    """A client's validated reply."""
+
+    client: int
+    state: dict[str, np.ndarray]
+    weight: float
+    loss: float
+    seconds: float
 
 
-def discover_nodes(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every connected node for its partition id; return ``{partition_id: node_id}``."""
-    deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < num_clients and time.monotonic() < deadline:
-        time.sleep(1.0)
-        node_ids = list(grid.get_node_ids())
-    if len(node_ids) < num_clients:
-        raise RoundFailed(f"only {len(node_ids)} of num-clients={num_clients} nodes connected")
-    messages = [Message(RecordDict({"config": ConfigRecord({"op": "partition-id"})}),
-                        dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
-    mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RoundFailed(f"node {reply.metadata.src_node_id} failed to report its "
-                              f"partition: {reply.error.reason}")
-        pid = int(reply.content["metrics"]["partition-id"])
-        if pid in mapping:
-            raise RoundFailed(f"two nodes claim partition-id={pid}")
-        mapping[pid] = reply.metadata.src_node_id
-    missing = sorted(set(range(num_clients)) - mapping.keys())
-    if missing:
-        raise RoundFailed(f"no node holds partition ids {missing[:10]} (num-clients={num_clients})")
-    return mapping
+@dataclass
+class RoundResult:
+    """What one round's attempts produced (``updates`` empty if the round is skipped)."""
+
+    clients: list[int] = field(default_factory=list)  # sampled in the last attempt
+    attempts: int = 0
+    updates: list[Update] = field(default_factory=list)
+    failures: list[Record] = field(default_factory=list)
+    rejected: list[Record] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def prepare(cfg: RunConfig) -> Runtime:
+    """The server's runtime: model + method (rank, targets checked), partition, test features.
+
+    Everything that can fail on bad input fails here, before any client trains.
+    """
+    model = Path(cfg.model).expanduser()
+    if cfg.model.startswith(("/", ".", "~")) and not model.is_dir():
+        raise ConfigError(f"model={cfg.model}: no such model folder")
+    set_threads(cfg)
+    runtime = Runtime(cfg)
+    runtime.partition()
+    runtime.features("test")  # tokenise once, before the clock of round 1 starts
+    return runtime
+
+
+def open_run(cfg: RunConfig, overwrite: bool = False, resume: bool = False
+             ) -> tuple[RunLog, Runtime | None, Record | None]:
+    """Check the run folder, build the server's runtime, then create (or reopen) the folder.
+
+    Returns ``(log, runtime, None)`` to run, or ``(log, None, summary)`` when a resumed run has
+    already finished. A folder that exists is never replaced without ``overwrite``, and is only
+    created once the configuration has been checked against the model and data.
+    """
+    path = cfg.run_dir()
+    if resume:
+        checkpoint = load_checkpoint(path)
+        if checkpoint is not None:
+            check_resumable(checkpoint.config, cfg, checkpoint.round)
+            summary = path / "summary.json"
+            if checkpoint.round >= cfg.rounds and summary.exists():
+                return RunLog(path), None, json.loads(summary.read_text())
+        runtime = prepare(cfg)
+        log = RunLog(path)
+        atomic_write(path / "config.toml", to_toml(cfg))  # the settings now in force
+        (path / "summary.json").unlink(missing_ok=True)
+        return log, runtime, None
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunExistsError(f"run folder {path} already exists; pass --overwrite to replace it, "
+                             f"--resume {path} to continue it, or out=... to choose another")
+    runtime = prepare(cfg)
+    return RunLog.create(cfg, overwrite=overwrite), runtime, None
 
 
 def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
-               on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run ``cfg.rounds`` FedAvg rounds on ``grid``, logging into ``log``; return the summary."""
-    set_threads(cfg)
+               on_round: Callable[[Record], None] | None = None,
+               runtime: Runtime | None = None, resume: bool = False) -> Record:
+    """Run the remaining rounds of ``cfg`` on ``grid``, logging into ``log``; return the summary."""
     started = time.perf_counter()
-    runtime = Runtime(cfg)
+    runtime = runtime if runtime is not None else prepare(cfg)
     anchor_t = runtime.method.make_anchor(runtime.model)
     anchor = {k: v.detach().cpu().numpy() for k, v in anchor_t.items()} if anchor_t else None
     anchor_key = anchor_id(anchor)
-    global_state = runtime.method.export_state(runtime.model)
     digest_start = frozen_digest(runtime.model)
     partition = runtime.partition()
+    sizes = [len(c) for c in partition.clients]
     log.write_json("partition.json", {
         "num-clients": cfg.num_clients, "alpha": cfg.alpha, "seed": cfg.seed,
         "classes": partition.classes, "sizes": partition.sizes(),
         "histograms": partition.histograms,
         "mean-pairwise-js": mean_pairwise_js(partition.histograms),
     })
-    runtime.features("test")  # tokenise once, before the clock of round 1 starts
-    nodes = discover_nodes(grid, cfg.num_clients)
     sampler = np.random.default_rng([cfg.seed, 0x5A])
-    anchored: set[int] = set()
+    checkpoint = load_checkpoint(log.path) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint.config, cfg, checkpoint.round)
+        if checkpoint.anchor_id != anchor_key:
+            raise ConfigError("the checkpoint's anchor differs from this model's; was the model "
+                              "folder changed?")
+        runtime.method.load_state_dict(checkpoint.method_state, runtime)
+        global_state = checkpoint.global_state
+        runtime.method.import_state(runtime.model, global_state)
+        sampler.bit_generator.state = checkpoint.sampler
+        history, done, before = checkpoint.history, checkpoint.round, checkpoint.seconds
+        log.reset_rounds(history)  # drop a line of a round that finished after the checkpoint
+    else:
+        global_state = runtime.method.export_state(runtime.model)
+        history, done, before = [], 0, 0.0
+    nodes = discover_nodes(grid, cfg.num_clients)
     base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key}
-    history: list[dict[str, Any]] = []
     setup_seconds = time.perf_counter() - started
 
-    for server_round in range(1, cfg.rounds + 1):
+    for server_round in range(done + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        sampled = sorted(sampler.choice(cfg.num_clients, cfg.clients_per_round, replace=False))
-        arrays = to_record(global_state)
-        messages, bytes_down = [], 0
-        for pid in sampled:
-            config = {**base_config, **runtime.method.client_config(server_round),
-                      "round": server_round}
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
-            bytes_down += arrays.count_bytes()
-            if anchor is not None and pid not in anchored:
-                content["anchor"] = to_record(anchor)
-                bytes_down += content["anchor"].count_bytes()
-            messages.append(Message(content, dst_node_id=nodes[int(pid)],
-                                    message_type=MessageType.TRAIN))
-        replies = list(grid.send_and_receive(messages))
+        node_changes = refresh_nodes(grid, nodes, cfg.round_timeout or 60.0)
+        config = {**base_config, **runtime.method.client_config(server_round),
+                  "round": server_round}
+        result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes)
         t_train = time.perf_counter()
-
-        states, weights, losses, failures, bytes_up, client_seconds = [], [], [], [], 0, []
-        for reply in replies:
-            if reply.has_error():
-                failures.append({"node": reply.metadata.src_node_id, "reason": reply.error.reason})
-                continue
-            record = reply.content["arrays"]
-            bytes_up += record.count_bytes()
-            metrics = reply.content["metrics"]
-            states.append(from_record(record))
-            weights.append(float(metrics["num-examples"]))
-            losses.append(float(metrics["train-loss"]))
-            client_seconds.append(float(metrics["train-seconds"]))
-            anchored.add(int(metrics["partition-id"]))
-        if not states:
-            reasons = "; ".join(f["reason"] for f in failures[:3])
-            raise RoundFailed(f"round {server_round}: every sampled client failed: {reasons}")
-        global_state = fedavg(states, weights)
-        runtime.method.import_state(runtime.model, global_state)
+        extra: Record = {}
+        if result.updates:
+            aggregate, extra = aggregate_updates(cfg, result.updates)
+            problem = check_finite(aggregate)
+            if problem is None:
+                global_state = aggregate
+                runtime.method.import_state(runtime.model, global_state)
+            else:  # cannot happen with validated updates; kept as the last line of defence
+                result.rejected.append({"client": "aggregate", "reason": problem})
+                result.updates = []
         switched = runtime.method.end_round(server_round, runtime, global_state)
         if switched is not None:
             global_state = switched
         t_agg = time.perf_counter()
-
         metrics_eval: dict[str, float] = {}
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
             metrics_eval = runtime.evaluate("test")
         t_end = time.perf_counter()
-        record = {
+        weights = [u.weight for u in result.updates]
+        record: Record = {
             "round": server_round,
-            "clients": [int(p) for p in sampled],
-            "successes": len(states),
-            "failures": failures,
-            "train-loss": float(np.average(losses, weights=weights)),
+            "clients": result.clients,
+            "attempts": result.attempts,
+            "successes": len(result.updates),
+            "skipped": not result.updates,
+            "failures": result.failures,
+            "rejected": result.rejected,
+            "train-loss": float(np.average([u.loss for u in result.updates], weights=weights))
+            if result.updates else float("nan"),
             "metrics": metrics_eval,
-            "bytes-down": bytes_down,
-            "bytes-up": bytes_up,
+            "bytes-down": result.bytes_down,
+            "bytes-up": result.bytes_up,
             "seconds": t_end - t0,
             "seconds-train": t_train - t0,
-            "seconds-client-max": max(client_seconds),
+            "seconds-client-max": max((u.seconds for u in result.updates), default=0.0),
             "seconds-aggregate": t_agg - t_train,
             "seconds-eval": t_end - t_agg,
-            **({"method-state": runtime.method.state_dict()} if runtime.method.state_dict() else {}),
+            **({"nodes": node_changes} if node_changes else {}),
+            **extra,
+            **({"method-state": method_state} if (method_state := runtime.method.state_dict())
+               else {}),
         }
         log.log_round(record)
-        history.append(record)
+        history.append(as_logged(record))  # exactly as a resumed run reads it back
+        save_checkpoint(log.path, Checkpoint(
+            round=server_round, global_state=global_state, sampler=sampler.bit_generator.state,
+            anchored=[p for p, a in nodes.anchors.items() if anchor_key and a == anchor_key],
+            method_state=runtime.method.state_dict(), history=history, anchor_id=anchor_key,
+            config=cfg.to_dict(), seconds=before + time.perf_counter() - started))
         if on_round is not None:
             on_round(record)
 
     log.save_state("final_state.safetensors", global_state)
+    summary = summarize(cfg, runtime, history, global_state, anchor)
+    summary.update({
+        "seconds": before + time.perf_counter() - started,
+        "seconds-setup": setup_seconds,
+        "resumed-from-round": done,
+        "mean-pairwise-js": mean_pairwise_js(partition.histograms),
+        "frozen-digest-start": digest_start,
+        "frozen-digest-end": frozen_digest(runtime.model),
+    })
+    log.write_json("summary.json", summary)
+    return summary
+
+
+def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Generator,
+                global_state: dict[str, np.ndarray], config: Record,
+                anchor: dict[str, np.ndarray] | None, sizes: list[int]) -> RoundResult:
+    """Sample, send, collect and validate, retrying with a new sample if too few succeed."""
+    result = RoundResult()
+    attempts = 1 + (cfg.round_retries if cfg.on_round_failure == "retry" else 0)
+    arrays = to_record(encode(global_state, cfg.transport_dtype))
+    anchor_record = to_record(anchor) if anchor is not None else None
+    anchor_key = str(config["anchor-id"])
+    for attempt in range(attempts):
+        sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
+                                                        replace=False))
+        result.clients, result.attempts, result.updates = sampled, attempt + 1, []
+        messages, targets = [], []
+        for pid in sampled:
+            node = nodes.node(pid)
+            if node is None:
+                result.failures.append({"client": pid, "attempt": attempt,
+                                        "reason": "no live node holds this partition"})
+                continue
+            content = RecordDict({"arrays": arrays,
+                                  "config": ConfigRecord({**config, "attempt": attempt})})
+            result.bytes_down += arrays.count_bytes()
+            if anchor_record is not None and nodes.anchors.get(pid) != anchor_key:
+                content["anchor"] = anchor_record
+                result.bytes_down += anchor_record.count_bytes()
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(config["round"])))
+            targets.append(pid)
+        replies, unanswered = exchange(grid, messages, cfg.round_timeout or None)
+        for i in unanswered:
+            result.failures.append({"client": targets[i], "attempt": attempt, "reason":
+                                    f"no reply within round-timeout={cfg.round_timeout:g} s"})
+        for i, reply in sorted(replies.items()):
+            pid = targets[i]
+            if reply.has_error():
+                result.failures.append({"client": pid, "attempt": attempt,
+                                        "reason": reply.error.reason})
+                continue
+            if anchor_record is not None:
+                nodes.anchors[pid] = anchor_key  # it replied, so it stored the anchor
+            result.bytes_up += reply.content["arrays"].count_bytes() \
+                if "arrays" in reply.content else 0
+            update, reason = read_update(reply, pid, global_state, sizes[pid], cfg)
+            if update is None:
+                result.rejected.append({"client": pid, "attempt": attempt, "reason": reason})
+            else:
+                result.updates.append(update)
+        if len(result.updates) >= cfg.min_train_clients:
+            return result
+    result.updates = []  # too few valid updates in every attempt: the round is skipped
+    return result
+
+
+def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size: int,
+                cfg: RunConfig) -> tuple[Update | None, str]:
+    """The reply's update if it passes every check, else None and the reason."""
+    try:
+        metrics = reply.content["metrics"]
+        claimed = int(metrics["partition-id"])
+        weight = float(metrics["num-examples"])
+        state = decode(from_record(reply.content["arrays"]), cfg.transport_dtype)
+        loss, seconds = float(metrics["train-loss"]), float(metrics["train-seconds"])
+    except (KeyError, TypeError, ValueError) as err:
+        return None, f"malformed reply: {err!r}"
+    if claimed != pid:
+        return None, f"reply claims partition {claimed}, expected {pid}"
+    reason = check_weight(weight, size) or check_update(state, reference, cfg.max_update_norm)
+    if reason:
+        return None, reason
+    return Update(pid, ordered_like(state, reference), weight, loss, seconds), ""
+
+
+def aggregate_updates(cfg: RunConfig, updates: list[Update]
+                      ) -> tuple[dict[str, np.ndarray], Record]:
+    """FedAvg (or the exact LoRA mean) of the updates, in partition order (reproducible sums)."""
+    updates = sorted(updates, key=lambda u: u.client)
+    states, weights = [u.state for u in updates], [u.weight for u in updates]
+    if cfg.aggregation == "exact-lora":
+        state, errors = exact_lora_mean(states, weights, cfg.lora_alpha / cfg.lora_rank,
+                                        cfg.lora_rank)
+        mean_error = float(np.mean(list(errors.values()))) if errors else 0.0
+        return state, {"lora-truncation-error": mean_error}
+    return fedavg(states, weights), {}
+
+
+def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],
+              global_state: dict[str, np.ndarray], anchor: dict[str, np.ndarray] | None) -> Record:
+    """The run's summary from its round history (the same after a resume)."""
     evaluated = [r for r in history if r["metrics"]]
     final = evaluated[-1]["metrics"] if evaluated else {}
     metric = runtime.task.metric
-    summary = {
+    return {
         "task": cfg.task,
         "method": cfg.method,
         "model": cfg.model,
@@ -180,23 +338,20 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "bytes-down": sum(r["bytes-down"] for r in history),
         "bytes-up": sum(r["bytes-up"] for r in history),
         "failures": sum(len(r["failures"]) for r in history),
-        "seconds": time.perf_counter() - started,
-        "seconds-setup": setup_seconds,
-        "mean-pairwise-js": mean_pairwise_js(partition.histograms),
-        "frozen-digest-start": digest_start,
-        "frozen-digest-end": frozen_digest(runtime.model),
+        "rejected": sum(len(r.get("rejected", [])) for r in history),
+        "skipped-rounds": sum(bool(r.get("skipped")) for r in history),
+        "retries": sum(r.get("attempts", 1) - 1 for r in history),
     }
-    log.write_json("summary.json", summary)
-    return summary
 
 
 def make_server_app(cfg: RunConfig, log: RunLog,
-                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+                    on_round: Callable[[Record], None] | None = None,
+                    runtime: Runtime | None = None, resume: bool = False) -> ServerApp:
     """A ServerApp bound to ``cfg`` (simulation: ``context.run_config`` is empty there)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, log, on_round)
+        run_server(grid, cfg, log, on_round, runtime=runtime, resume=resume)
 
     return app

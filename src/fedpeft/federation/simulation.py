@@ -18,9 +18,8 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ..config import RunConfig  # noqa: E402
-from ..runlog import RunLog  # noqa: E402
 from .client_app import app as client_app  # noqa: E402
-from .server_app import make_server_app  # noqa: E402
+from .server_app import make_server_app, open_run  # noqa: E402
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -37,13 +36,21 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def simulate(cfg: RunConfig, overwrite: bool = False,
-             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` in simulation and return its summary (also in ``<run>/summary.json``)."""
+             on_round: Callable[[dict[str, Any]], None] | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` in simulation and return its summary (also in ``<run>/summary.json``).
+
+    ``resume``: continue the run in ``cfg.run_dir()`` from its checkpoint (see ``checkpoint.py``).
+    The server's model and data are built before Ray starts, so bad settings fail fast.
+    """
     import ray
     from flwr.simulation import run_simulation
 
-    log = RunLog.create(cfg, overwrite=overwrite)
-    server_app = make_server_app(cfg, log, on_round=_progress(cfg, on_round))
+    log, runtime, finished = open_run(cfg, overwrite=overwrite, resume=resume)
+    if finished is not None:
+        return finished
+    server_app = make_server_app(cfg, log, on_round=_progress(cfg, on_round), runtime=runtime,
+                                 resume=resume)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     try:
         run_simulation(server_app=server_app, client_app=client_app,

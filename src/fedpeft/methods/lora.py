@@ -12,6 +12,10 @@ differ only in how A and B start, as in PEFT's single ``init_lora_weights`` fiel
   ``init_lora_weights="pissa"``; here the server computes A0/B0 once with a full,
   deterministic SVD (float64) and every client computes its own residual from its copy of W and
   the A0/B0 it received (the SVD's sign ambiguity cancels in B0 @ A0).
+- ``FFA-LoRA`` (Sun et al., ICLR 2024, arXiv 2403.12313): A is drawn once (PEFT's default
+  Kaiming-uniform, from the run's seed, so every client draws the same A) and frozen; only B and
+  the head train and travel. With A shared, FedAvg of B is exactly FedAvg of s * B @ A.
+- ``SLoRA`` (``slora.py``): A and B from the SVD of a sparse federated first stage.
 
 The SVD factorisation is a pure function, ``svd_factors``, shared with SLoRA's stage switch.
 """
@@ -24,7 +28,8 @@ from ..models import head_module_names, query_value_modules
 from .base import Method
 
 
-def svd_factors(matrix: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(matrix: torch.Tensor, rank: int,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` factors of ``matrix`` (d_out, d_in) such that ``scaling * B @ A`` is its best
     rank-r approximation: A = sqrt(S_r/s) V_r^T (r, d_in), B = U_r sqrt(S_r/s) (d_out, r).
 
@@ -119,7 +124,23 @@ class FeDeRA(LoRA):
                 layer._fedpeft_residual = True
 
 
-def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+class FFALoRA(LoRA):
+    """LoRA with A frozen at its random init; only B and the head train (FFA-LoRA)."""
+
+    name = "ffa-lora"
+    paper = "FFA-LoRA (Sun et al., 2024, arXiv 2403.12313)"
+    default_lr = 5e-3  # SemEval, bundled model, 400 steps: 5e-3 -> 0.63 acc; 2e-3 0.59, 1e-2 0.44
+    init = True  # PEFT default: A Kaiming-uniform (seeded, identical on every client), B = 0
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = super().apply(model)
+        for layer in lora_layers(model).values():
+            layer.lora_A.requires_grad_(False)
+        return model
+
+
+def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             scaling: float) -> torch.Tensor:
     """FeDeRA's frozen weight: W - s * B @ A, computed in float64 then cast back."""
     w = weight.detach().to(torch.float64)
     return (w - scaling * b.to(torch.float64) @ a.to(torch.float64)).to(weight.dtype)

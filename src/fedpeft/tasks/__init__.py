@@ -5,11 +5,19 @@ from __future__ import annotations
 from ..config import ConfigError, RunConfig
 from .base import DataError, Features, Task
 from .classification import Newsgroups, SemEval, TextFiles
+from .ner import ConllFiles, Ploner, Wnut17
+from .qa import MultiSourceQA, Squad, SquadFiles
 
 TASKS: dict[str, type[Task]] = {
     "semeval": SemEval,
     "20news": Newsgroups,
     "text-files": TextFiles,
+    "wnut17": Wnut17,
+    "ploner": Ploner,
+    "conll-files": ConllFiles,
+    "squad": Squad,
+    "mrqa": MultiSourceQA,
+    "squad-files": SquadFiles,
 }
 
 

@@ -221,3 +221,31 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     with open_text(path) as fh:
         for number, line in enumerate(fh, start=1):
             yield number, line.rstrip("\n")
+
+
+class InvalidRecords:
+    """Invalid records (sentences, questions) of one user file, gathered while it is read.
+
+    By default reading stops at the ``limit``-th problem with one ``DataError`` listing them all
+    (so a user fixes several per attempt, not one); with ``skip`` (``skip-invalid=true``) the
+    records are dropped and only counted. A reader calls ``add`` per bad record, then ``check``.
+    """
+
+    def __init__(self, path: str | Path, skip: bool = False, limit: int = 5) -> None:
+        self.path, self.skip, self.limit = path, skip, limit
+        self.found: list[tuple[int | None, str]] = []  # (line or None, message naming id/value)
+
+    def add(self, message: str, line: int | None = None) -> None:
+        self.found.append((line, message))
+        if not self.skip and len(self.found) >= self.limit:
+            self.check()
+
+    def check(self) -> int:
+        """Raise the gathered problems (unless skipping); return how many records were dropped."""
+        if self.found and not self.skip:
+            listed = "; ".join(m if n is None else f"line {n}: {m}" for n, m in self.found)
+            stopped = ", stopped there" if len(self.found) >= self.limit else ""
+            raise DataError(self.path, f"{len(self.found)} invalid record(s){stopped}: {listed} "
+                            "(fix them, or pass skip-invalid=true to skip and count them)",
+                            self.found[0][0])
+        return len(self.found)

@@ -1,0 +1,126 @@
+"""The server's checkpoint: everything needed to continue a run after the last finished round.
+
+One file, ``<run>/checkpoint.safetensors``, rewritten after every round: the global trainable
+state as tensors, and in the file's metadata (JSON) the round, the client sampler's RNG state,
+the clients that already hold the method's anchor, the method's ``state_dict()`` (SLoRA's stage),
+the per-round history the summary is built from, and the run configuration. It is written to a
+temporary file, flushed to disk and renamed over the old one, so a crash at any instant leaves
+either the previous checkpoint or the new one, never half of one.
+
+A run resumed from it (``fedpeft run --resume RUN_DIR``) replays nothing and skips nothing: with
+local training seeded per (seed, round, client) it ends with the same global state and metrics
+as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, RunConfig
+
+FILE = "checkpoint.safetensors"
+_META_KEY = "fedpeft-checkpoint"
+VERSION = 1
+
+# Settings that may change when a run is resumed: they steer how the remaining rounds are run,
+# not what the run is. Changing any other setting would splice two different runs together.
+RESUMABLE = {"rounds", "progress", "sim_workers", "threads", "device", "eval_batch_size", "out",
+             "round_timeout", "min_train_clients", "on_round_failure", "round_retries",
+             "max_update_norm", "fail_rate", "fail_mode"}
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after round ``round`` (0 = before the first round)."""
+
+    round: int
+    global_state: dict[str, np.ndarray]
+    sampler: dict[str, Any]  # numpy ``bit_generator.state`` of the client sampler
+    anchored: list[int] = field(default_factory=list)  # partitions that received the anchor
+    method_state: dict[str, Any] = field(default_factory=dict)  # ``Method.state_dict()``
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per round
+    anchor_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # ``RunConfig.to_dict()``
+    seconds: float = 0.0  # wall time spent by the sessions that produced this checkpoint
+
+    def metadata(self) -> dict[str, Any]:
+        return {"version": VERSION, "round": self.round, "sampler": self.sampler,
+                "anchored": sorted(self.anchored), "method-state": self.method_state,
+                "history": self.history, "anchor-id": self.anchor_id, "config": self.config,
+                "seconds": self.seconds}
+
+
+def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` into ``run_dir`` atomically (temporary file, fsync, rename)."""
+    from safetensors.numpy import save_file
+
+    target = Path(run_dir) / FILE
+    tmp = target.with_name(target.name + ".tmp")
+    tensors = {k: np.ascontiguousarray(v) for k, v in checkpoint.global_state.items()}
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.metadata())})
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync(target.parent)  # the rename itself must reach the disk
+    return target
+
+
+def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint in ``run_dir``, or None if the run never finished a round."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = json.loads((fh.metadata() or {}).get(_META_KEY, "null"))
+        if not isinstance(meta, dict) or meta.get("version") != VERSION:
+            raise ValueError(f"{path} is not a fedpeft checkpoint (version {VERSION})")
+        state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    return Checkpoint(round=int(meta["round"]), global_state=state, sampler=meta["sampler"],
+                      anchored=[int(p) for p in meta["anchored"]],
+                      method_state=meta["method-state"], history=meta["history"],
+                      anchor_id=meta["anchor-id"], config=meta["config"],
+                      seconds=float(meta["seconds"]))
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig, done: int) -> None:
+    """Raise ``ConfigError`` if ``cfg`` changes a setting that a resumed run must keep."""
+    current = cfg.to_dict()
+    changed = sorted(key for key, value in saved.items()
+                     if key.replace("-", "_") not in RESUMABLE and current.get(key) != value)
+    if changed:
+        shown = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:4])
+        raise ConfigError(f"cannot resume with different settings ({shown}); only "
+                          f"{', '.join(sorted(k.replace('_', '-') for k in RESUMABLE))} "
+                          "may change")
+    if cfg.rounds < done:
+        raise ConfigError(f"rounds={cfg.rounds} but the checkpoint has already finished round "
+                          f"{done}")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The configuration of the run in ``run_dir`` (its ``config.toml``), with ``overrides``.
+
+    ``out`` is set to ``run_dir`` itself, so a moved run folder resumes where it now is.
+    """
+    from ..config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml); nothing to resume")
+    escaped = str(run_dir).replace("{", "{{").replace("}", "}}")
+    return load_config(run_dir / "config.toml", [*(overrides or []), f"out={escaped}"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

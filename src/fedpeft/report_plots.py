@@ -1,0 +1,224 @@
+"""The report's figures (PNG, matplotlib's Agg backend), drawn from runs and seed groups only.
+
+- ``plot_metric``: metric vs round or vs cumulative bytes, one line per group (mean over seeds,
+  band = ± one standard deviation when there are several);
+- ``plot_partition``: per-client class distribution (stacked bars) and the pairwise
+  Jensen-Shannon divergence heatmap between clients (FeDeRA paper Fig. 7);
+- ``plot_drift`` / ``plot_drift_layers``: magnitude and direction variation of the LoRA factors
+  A and B per round and per layer (FeDeRA paper §4.2, Fig. 3/4; see ``fedpeft.drift``).
+
+matplotlib is an optional dependency (``pip install fedpeft[plots]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .partition import js_matrix
+
+if TYPE_CHECKING:
+    from .report import Group, Run
+
+DRIFT_PANELS = [("A", "magnitude"), ("A", "direction"), ("B", "magnitude"), ("B", "direction")]
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'fedpeft[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cumulative_mb(run: Run) -> dict[int, float]:
+    """Round -> megabytes sent down + up over all clients from round 1 to that round."""
+    total, out = 0.0, {}
+    for record in run.rounds:
+        total += (record["bytes-down"] + record["bytes-up"]) / 1e6
+        out[int(record["round"])] = total
+    return out
+
+
+def seed_curve(runs: Sequence[Run], metric: str, x: str) -> tuple[np.ndarray, ...]:
+    """(x, mean, std) over the rounds that every seed evaluated; x = round or cumulative MB."""
+    series = [dict(r.series(metric)) for r in runs]
+    rounds = sorted(set.intersection(*(set(s) for s in series)))
+    values = np.array([[s[n] for n in rounds] for s in series])  # (seeds, rounds)
+    if x == "bytes":
+        xs = np.array([[cumulative_mb(r)[n] for n in rounds] for r in runs]).mean(axis=0)
+    else:
+        xs = np.array(rounds, dtype=np.float64)
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(rounds))
+    return xs, values.mean(axis=0), std
+
+
+def plot_metric(groups: Sequence[Group], metric: str, path: Path, x: str = "round",
+                title: str = "") -> Path:
+    """One line per group: ``metric`` vs round (``x="round"``) or vs cumulative MB
+    (``x="bytes"``, log scale when the methods' traffic differs by more than 20x)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    spans = []  # (smallest, largest) x of each line
+    for i, g in enumerate(groups):
+        xs, mean, std = seed_curve(g.runs, metric, x)
+        if not len(xs):
+            continue
+        color = f"C{i % 10}"
+        seeds = f" ({len(g.runs)} seeds)" if len(g.runs) > 1 else ""
+        ax.plot(xs, mean, marker="o", markersize=3, color=color, label=g.label + seeds)
+        if len(g.runs) > 1:
+            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        spans.append((xs.min(), xs.max()))
+    if x == "bytes":
+        if spans and max(s[1] for s in spans) > 20 * max(min(s[0] for s in spans), 1e-9):
+            ax.set_xscale("log")
+        ax.set_xlabel("cumulative communication, all clients, down + up (MB)")
+    else:
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title or f"{metric} vs {'communication' if x == 'bytes' else 'round'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_partition(partition: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Stacked per-client class shares (left) and the client x client JS divergence (right)."""
+    plt = pyplot()
+    hist = np.asarray(partition["histograms"], dtype=np.float64)  # (clients, classes)
+    classes = partition.get("classes") or [str(k) for k in range(hist.shape[1])]
+    shares = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    fig, (bars, heat) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=120,
+                                     gridspec_kw={"width_ratios": [1.5, 1]})
+    cmap = plt.get_cmap("tab20")
+    bottom = np.zeros(len(hist))
+    clients = np.arange(len(hist))
+    for k, name in enumerate(classes):
+        bars.bar(clients, shares[:, k], bottom=bottom, width=0.9, color=cmap(k % 20),
+                 label=name, linewidth=0)
+        bottom += shares[:, k]
+    bars.set_xlabel("client")
+    bars.set_ylabel("share of the client's examples")
+    bars.set_xlim(-0.5, len(hist) - 0.5)
+    bars.set_ylim(0, 1)
+    bars.set_title("class distribution per client")
+    if len(classes) <= 40:
+        bars.legend(fontsize=6, ncol=1 + len(classes) // 20, loc="upper left",
+                    bbox_to_anchor=(1.0, 1.0), frameon=False)
+    image = heat.imshow(js_matrix(hist), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    heat.set_title("Jensen-Shannon divergence between clients")
+    heat.set_xlabel("client")
+    heat.set_ylabel("client")
+    fig.colorbar(image, ax=heat, fraction=0.046, pad=0.04, label="JS divergence (base 2)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def drift_records(run: Run) -> list[tuple[int, dict[str, Any]]]:
+    """(round, drift record) of every round that logged one."""
+    return [(int(r["round"]), r["drift"]) for r in run.rounds if r.get("drift")]
+
+
+def plot_drift(groups: Sequence[Group], path: Path) -> Path:
+    """Mean (over layers and modules) magnitude and direction variation of A and B per round,
+    one line per group (mean over seeds at rounds every seed logged)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), dpi=120, sharex=True)
+    for i, g in enumerate(groups):
+        per_seed = [dict(drift_records(r)) for r in g.runs]
+        rounds = sorted(set.intersection(*(set(s) for s in per_seed)))
+        if not rounds:
+            continue
+        for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
+            ys = [_nanmean([_num(s[n]["mean"].get(factor, {}).get(name)) for s in per_seed])
+                  for n in rounds]
+            ax.plot(rounds, ys, color=f"C{i % 10}", marker="o", markersize=2, label=g.label)
+    between = _between(groups)
+    for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
+        ax.set_title(f"{factor}: {name} variation")
+        ax.grid(alpha=0.3)
+        _log_if_wide(ax)
+    for ax in axes[1]:
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"drift of the global LoRA factors between successive {between}")
+    return _save(fig, path)
+
+
+def plot_drift_layers(groups: Sequence[Group], path: Path) -> Path:
+    """Per layer (mean over modules, rounds and seeds): magnitude and direction variation of A
+    and B, one line per group."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), dpi=120, sharex=True)
+    for i, g in enumerate(groups):
+        values: dict[tuple[str, str, str], list[float]] = {}
+        for run in g.runs:
+            for _, record in drift_records(run):
+                for layer, modules in record["layers"].items():
+                    for factors in modules.values():
+                        for factor, pair in factors.items():
+                            for name, v in pair.items():
+                                values.setdefault((layer, factor, name), []).append(_num(v))
+        layers = sorted({k[0] for k in values}, key=lambda s: (not s.isdigit(), int(s)
+                                                              if s.isdigit() else 0, s))
+        if not layers:
+            continue
+        for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
+            ys = [_nanmean(values.get((la, factor, name), [])) for la in layers]
+            ax.plot(range(len(layers)), ys, color=f"C{i % 10}", marker="o", label=g.label)
+            ax.set_xticks(range(len(layers)), layers)
+    for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
+        ax.set_title(f"{factor}: {name} variation (mean over rounds)")
+        ax.grid(alpha=0.3)
+        _log_if_wide(ax)
+    for ax in axes[1]:
+        ax.set_xlabel("layer")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"drift per layer, between successive {_between(groups)}")
+    return _save(fig, path)
+
+
+def _between(groups: Sequence[Group]) -> str:
+    kinds = {rec.get("between", "weights") for g in groups for r in g.runs
+             for _, rec in drift_records(r)}
+    return "global " + (" / ".join(sorted(kinds)) if kinds else "weights")
+
+
+def _log_if_wide(ax: Any, ratio: float = 20.0) -> None:
+    """Log y scale when the lines' positive values span more than ``ratio`` (methods whose
+    factors have very different scales, e.g. SVD-initialised vs Gaussian A)."""
+    ys = np.concatenate([np.asarray(line.get_ydata(), dtype=np.float64)
+                         for line in ax.get_lines()] or [np.zeros(0)])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if len(ys) and ys.max() > ratio * ys.min():
+        ax.set_yscale("log")
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN (a gap in the line) when there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,202 @@
+"""The numbers and tables of a report (FeDeRA paper Tables 2 and 5), from ``fedpeft.report``'s
+runs and seed groups.
+
+- ``results_table``: per group, the metric at chosen rounds and the final metric, mean ± sample
+  standard deviation over seeds (Table 2).
+- ``time_to_target_table``: rounds and modelled wall time to reach 90/95/99% of a target metric
+  (Table 5). Modelled time of a round = the slowest sampled client's measured local training
+  (``seconds-client-max``) + one client's payload (bytes down + up) over a ``bandwidth_mbit``
+  link; plus, once, the server's SVD for FeDeRA/SLoRA (``one_off_seconds``). Server
+  aggregation and evaluation are not counted (they do not grow with clients' links).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .report import Group, Run
+
+SVD_METHODS = {"federa", "slora"}
+FRACTIONS = (0.90, 0.95, 0.99)
+
+
+# --- numbers ----------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else None)
+
+
+def fmt_mean_std(values: Sequence[float | None], digits: int = 4) -> str:
+    """``0.5000 ± 0.0100`` over the values given; ``-`` if any is missing (not evaluated)."""
+    if not values or any(v is None for v in values):
+        return "-"
+    mean, std = mean_std([float(v) for v in values])  # type: ignore[arg-type]
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def value_at(run: Run, metric: str, round_: int) -> float | None:
+    """The metric evaluated exactly at ``round_`` (None when that round was not evaluated)."""
+    return dict(run.series(metric)).get(round_)
+
+
+def bytes_per_client_round(run: Run) -> float:
+    """Bytes down + up per successful client-round, over the logged rounds."""
+    total = sum(r["bytes-down"] + r["bytes-up"] for r in run.rounds)
+    return total / max(1, sum(r["successes"] for r in run.rounds))
+
+
+def round_seconds(record: dict[str, Any], bandwidth_mbit: float) -> tuple[float, float]:
+    """Modelled (compute, communication) seconds of one round: the slowest client's measured
+    local training, and one client's payload (its share of bytes down + up) over its link."""
+    payload = (record["bytes-down"] / max(1, len(record["clients"]))
+               + record["bytes-up"] / max(1, record["successes"]))  # bytes per client
+    return float(record["seconds-client-max"]), payload * 8 / (bandwidth_mbit * 1e6)
+
+
+def one_off_seconds(run: Run) -> tuple[float, str]:
+    """One-off server time the method needs beyond FedAvg (FeDeRA's initial SVD, SLoRA's SVD at
+    its stage switch) and where it was read: ``seconds-svd`` from ``summary.json`` if logged;
+    else an upper bound: FeDeRA's whole ``seconds-setup`` (model loading included), SLoRA's
+    largest ``seconds-aggregate`` (its switch round); 0 for the other methods."""
+    summary = run.summary or {}
+    if summary.get("seconds-svd") is not None:
+        return float(summary["seconds-svd"]), "seconds-svd"
+    if run.method == "slora" and run.rounds:
+        return max(float(r.get("seconds-aggregate", 0.0)) for r in run.rounds), "seconds-aggregate"
+    svd = run.method in SVD_METHODS or summary.get("anchor-params", 0)
+    if svd and summary.get("seconds-setup") is not None:
+        return float(summary["seconds-setup"]), "seconds-setup"
+    return 0.0, ""
+
+
+def time_to_target(run: Run, metric: str, threshold: float,
+                   bandwidth_mbit: float) -> tuple[int, float] | None:
+    """First evaluated round whose metric reaches ``threshold``, and the modelled wall time to
+    the end of it (one-off + per round compute + communication); None if never reached."""
+    elapsed = one_off_seconds(run)[0]
+    for record in run.rounds:
+        elapsed += sum(round_seconds(record, bandwidth_mbit))
+        value = record.get("metrics", {}).get(metric)
+        if value is not None and value >= threshold:
+            return int(record["round"]), elapsed
+    return None
+
+
+def choose_target(groups: Sequence[Group], metric: str) -> tuple[float, str]:
+    """The best mean final metric among the groups, and the label of the group holding it."""
+    finals = [(fin, g.label) for g in groups
+              if None not in (fin := [r.final(metric) for r in g.runs])]
+    if not finals:
+        raise ValueError(f"no run has evaluated {metric!r}; pass --target")
+    best = max(finals, key=lambda f: float(np.mean(f[0])))  # type: ignore[arg-type]
+    return float(np.mean(best[0])), best[1]  # type: ignore[arg-type]
+
+
+def default_rounds(runs: Sequence[Run], metric: str) -> list[int]:
+    """10/50/100 where every run evaluated them, else up to 3 evenly spaced common rounds."""
+    common = set.intersection(*({r for r, _ in run.series(metric)} for run in runs))
+    chosen = [r for r in (10, 50, 100) if r in common]
+    if chosen or not common:
+        return chosen
+    ordered = sorted(common)
+    picks = np.linspace(0, len(ordered) - 1, num=min(3, len(ordered))).round().astype(int)
+    return [ordered[i] for i in dict.fromkeys(picks.tolist())]
+
+
+# --- tables -----------------------------------------------------------------------------------
+def results_table(groups: Sequence[Group], metric: str, rounds: Sequence[int]) -> str:
+    """Table-2-style markdown: per group, metric at ``rounds`` and final, mean ± std."""
+    columns = ["method", "lr", "trainable params", "MB / client-round", "seeds", "rounds",
+               *(f"{metric} @{r}" for r in rounds), f"final {metric}"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        summaries = [r.summary for r in g.runs if r.summary]
+        params = f"{summaries[0]['trainable-params']:,}" if summaries else "-"
+        done = min(len(r.rounds) for r in g.runs)
+        planned = int(g.settings.get("rounds", done))
+        lr = "-" if g.settings["lr"] is None else f"{g.settings['lr']:g}"
+        mb = float(np.mean([bytes_per_client_round(r) for r in g.runs])) / 1e6
+        lines.append(_row([
+            g.label, lr + (f" ({g.lr_note})" if g.lr_note else ""), params, f"{mb:.2f}",
+            str(len(g.runs)), str(done) if done == planned else f"{done}/{planned}",
+            *(fmt_mean_std([value_at(r, metric, n) for r in g.runs]) for n in rounds),
+            fmt_mean_std([r.final(metric) for r in g.runs])]))
+    return "\n".join(lines)
+
+
+def time_to_target_table(groups: Sequence[Group], metric: str, target: float,
+                         bandwidth_mbit: float, fractions: Sequence[float] = FRACTIONS) -> str:
+    """Table-5-style markdown: rounds and modelled time to reach each fraction of ``target``.
+
+    Mean ± std over the seeds that reached it; ``(k/n)`` when only k of n seeds did; ``-`` when
+    none did. Also shows the modelled per-round compute and communication and the one-off time.
+    """
+    columns = ["method", "compute s / round", "comm s / round", "one-off s"]
+    for f in fractions:
+        columns += [f"rounds to {f:.0%}", f"time to {f:.0%}"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        per_round = np.array([round_seconds(rec, bandwidth_mbit) for r in g.runs
+                              for rec in r.rounds])  # (rounds, 2)
+        one_off = [one_off_seconds(r) for r in g.runs]
+        sources = {src for _, src in one_off}
+        mark = (" (setup)" if "seconds-setup" in sources
+                else " (aggregate)" if "seconds-aggregate" in sources else "")
+        cells = [g.label, f"{per_round[:, 0].mean():.1f}", f"{per_round[:, 1].mean():.2f}",
+                 f"{np.mean([s for s, _ in one_off]):.1f}{mark}"]
+        for f in fractions:
+            hits = [h for r in g.runs if (h := time_to_target(r, metric, f * target,
+                                                               bandwidth_mbit))]
+            if not hits:
+                cells += ["-", "-"]
+                continue
+            partial = "" if len(hits) == len(g.runs) else f" ({len(hits)}/{len(g.runs)})"
+            rounds_mean, rounds_std = mean_std([h[0] for h in hits])
+            seconds_mean, seconds_std = mean_std([h[1] for h in hits])
+            cells += [f"{rounds_mean:g}" + ("" if rounds_std is None else f" ± {rounds_std:.1f}")
+                      + partial, fmt_duration(seconds_mean, seconds_std) + partial]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def fmt_duration(seconds: float, std: float | None = None) -> str:
+    """Seconds below 2 minutes, minutes below 2 hours, then hours (same unit for the std)."""
+    unit, scale = (("s", 1.0) if seconds < 120 else ("min", 60.0) if seconds < 7200
+                   else ("h", 3600.0))
+    text = f"{seconds / scale:.1f}"
+    return text + ("" if std is None or math.isnan(std) else f" ± {std / scale:.1f}") + f" {unit}"
+
+
+def _rule(columns: int) -> str:
+    """Markdown header rule: first column left-aligned, the numbers right-aligned."""
+    return "|---|" + "---:|" * (columns - 1)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def drift_table(groups: Sequence[Group]) -> str:
+    """Per group: magnitude and direction variation of A and B (``fedpeft.drift`` records),
+    averaged over layers and modules (the record's ``mean``) and rounds; mean ± std over seeds."""
+    panels = [("A", "magnitude"), ("A", "direction"), ("B", "magnitude"), ("B", "direction")]
+    columns = ["method", "between", "rounds", *(f"{f} {n}" for f, n in panels)]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        records = [[rec["drift"] for rec in r.rounds if rec.get("drift")] for r in g.runs]
+        between = sorted({d.get("between", "weights") for rs in records for d in rs})
+        cells = [g.label, "/".join(between), str(min(len(rs) for rs in records))]
+        for factor, name in panels:
+            per_seed = []
+            for rs in records:
+                values = [v for d in rs if (v := d["mean"].get(factor, {}).get(name)) is not None]
+                per_seed.append(float(np.mean(values)) if values else None)
+            cells.append(fmt_mean_std(per_seed, digits=5) if per_seed else "-")
+        lines.append(_row(cells))
+    return "\n".join(lines)

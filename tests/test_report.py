@@ -1,0 +1,202 @@
+"""`fedpeft report` on synthetic run folders: seed groups, mean ± std, time to target by hand,
+and a smoke test that the markdown and the plots are written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpeft.cli import main
+from fedpeft.drift import DriftTracker
+from fedpeft.report import build_report, find_runs, group_runs, parse_rounds
+from fedpeft.report_tables import (choose_target, default_rounds, fmt_duration, one_off_seconds,
+                                   results_table, time_to_target, time_to_target_table)
+
+# Per round: 2 clients, each receiving and sending 1.25 MB -> 2.5 MB = 20 Mbit per client,
+# 0.8 s at 25 Mbit/s; the slowest client trains 10 s -> 10.8 s per modelled round.
+ROUND_SECONDS = 10.8
+
+
+def make_run(root: Path, name: str, method: str, evals: dict[int, float], seed: int = 0,
+             rounds: int = 4, lr: float | None = None, valid: dict[int, float] | None = None,
+             summary: dict | None = None, drift: bool = False, **settings) -> Path:
+    """A run folder as `fedpeft run` leaves it, with the given test metric at given rounds."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = {"task": "semeval", "method": method, "rounds": rounds, "seed": seed,
+              "alpha": 1.0, "out": str(folder), **settings}
+    if lr is not None:
+        config["lr"] = lr
+    folder.joinpath("config.toml").write_text(
+        "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+    tracker, rng = DriftTracker(), np.random.default_rng(seed)
+    key = "base_model.model.bert.encoder.layer.{}.attention.self.query.lora_{}.default.weight"
+    tracker.observe({key.format(i, f): rng.normal(size=(4, 3)) for i in (0, 1) for f in "AB"})
+    lines = []
+    for r in range(1, rounds + 1):
+        metrics = {"accuracy": evals[r]} if r in evals else {}
+        if valid and r in valid:
+            metrics["valid-accuracy"] = valid[r]
+        record = {"round": r, "clients": [0, 1], "successes": 2, "failures": [],
+                  "train-loss": 1.0, "metrics": metrics, "bytes-down": 2_500_000,
+                  "bytes-up": 2_500_000, "seconds": 12.0, "seconds-train": 11.0,
+                  "seconds-client-max": 10.0, "seconds-aggregate": 0.1, "seconds-eval": 0.9}
+        if drift:
+            record["drift"] = tracker.observe(
+                {key.format(i, f): rng.normal(size=(4, 3)) for i in (0, 1) for f in "AB"})
+        lines.append(json.dumps(record))
+    folder.joinpath("rounds.jsonl").write_text("\n".join(lines) + "\n")
+    if summary is not None:
+        folder.joinpath("summary.json").write_text(json.dumps(
+            {"task": "semeval", "method": method, "metric": "accuracy", "rounds": rounds,
+             "lr": lr if lr is not None else 1e-3, "trainable-params": 1234, **summary}))
+    hist = [[5, 0, 1], [0, 6, 0], [2, 2, 2]]
+    folder.joinpath("partition.json").write_text(json.dumps(
+        {"num-clients": 3, "alpha": 1.0, "seed": seed, "classes": ["a", "b", "c"],
+         "sizes": [6, 6, 6], "histograms": hist}))
+    return folder
+
+
+def test_runs_differing_only_in_seed_are_one_group_with_mean_and_sample_std(tmp_path):
+    make_run(tmp_path, "fedlr-s0", "fedlr", {2: 0.4, 4: 0.5}, seed=0, summary={})
+    make_run(tmp_path, "fedlr-s1", "fedlr", {2: 0.2, 4: 0.7}, seed=1, summary={})
+    make_run(tmp_path, "federa-s0", "federa", {2: 0.6, 4: 0.8}, seed=0, summary={})
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.label, len(g.runs)) for g in groups] == [("fedlr", 2), ("federa", 1)]
+    table = results_table(groups, "accuracy", [2, 4])
+    # fedlr @4: mean(0.5, 0.7) = 0.6, sample std = sqrt(((-.1)^2 + .1^2) / 1) = 0.1414
+    assert "| fedlr | 0.001 | 1,234 | 2.50 | 2 | 4 | 0.3000 ± 0.1414 | 0.6000 ± 0.1414 | " \
+           "0.6000 ± 0.1414 |" in table
+    assert "| federa | 0.001 | 1,234 | 2.50 | 1 | 4 | 0.6000 | 0.8000 | 0.8000 |" in table
+
+
+def test_settings_that_differ_split_groups_and_name_them(tmp_path):
+    make_run(tmp_path, "a", "fedlr", {4: 0.5}, alpha=0.1)
+    make_run(tmp_path, "b", "fedlr", {4: 0.6}, alpha=1.0, device="cuda")  # device: same group
+    make_run(tmp_path, "c", "fedlr", {4: 0.7}, alpha=1.0, seed=3)
+    labels = [(g.label, len(g.runs)) for g in group_runs(find_runs([tmp_path]))]
+    assert labels == [("fedlr alpha=0.1", 1), ("fedlr alpha=1", 2)]
+
+
+def test_learning_rate_chosen_on_validation_not_test(tmp_path):
+    make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3, valid={4: 0.4}, **{"valid-fraction": 0.1})
+    make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3, valid={4: 0.6}, **{"valid-fraction": 0.1})
+    (group,) = group_runs(find_runs([tmp_path]))
+    assert group.settings["lr"] == 2e-3 and group.lr_note == "chosen on valid-accuracy from 2"
+    assert "| fedlr | 0.002 (chosen on valid-accuracy from 2) |" in results_table(
+        [group], "accuracy", [])
+
+
+def test_rates_without_validation_are_kept_side_by_side(tmp_path):
+    make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3)
+    make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3)
+    assert [g.label for g in group_runs(find_runs([tmp_path]))] == ["fedlr lr=0.001",
+                                                                     "fedlr lr=0.002"]
+
+
+def test_time_to_target_by_hand(tmp_path):
+    fedlr = make_run(tmp_path, "fedlr", "fedlr", {2: 0.5, 4: 0.8}, summary={})
+    federa = make_run(tmp_path, "federa", "federa", {2: 0.75, 4: 0.7},
+                      summary={"seconds-setup": 5.0})
+    never = make_run(tmp_path, "fedft", "fedft", {2: 0.1, 4: 0.2}, summary={})
+    runs = {r.method: r for r in find_runs([fedlr, federa, never])}
+    groups = group_runs(list(runs.values()))
+    assert choose_target(groups, "accuracy") == (0.8, "fedlr")
+    # 90% of 0.8 = 0.72: fedlr first reaches it at round 4 -> 4 modelled rounds.
+    assert time_to_target(runs["fedlr"], "accuracy", 0.72, 25.0) == (4, pytest.approx(
+        4 * ROUND_SECONDS))
+    # FeDeRA reaches 0.75 at round 2; its one-off (set-up, no seconds-svd logged) counts once.
+    assert one_off_seconds(runs["federa"]) == (5.0, "seconds-setup")
+    assert time_to_target(runs["federa"], "accuracy", 0.72, 25.0) == (2, pytest.approx(
+        5.0 + 2 * ROUND_SECONDS))
+    assert time_to_target(runs["fedft"], "accuracy", 0.72, 25.0) is None
+    assert one_off_seconds(runs["fedft"]) == (0.0, "")
+    # At 10 Mbit/s the 20 Mbit per client-round take 2 s.
+    assert time_to_target(runs["fedlr"], "accuracy", 0.72, 10.0)[1] == pytest.approx(4 * 12.0)
+    table = time_to_target_table(groups, "accuracy", 0.8, 25.0)
+    assert "| fedft | 10.0 | 0.80 | 0.0 | - | - | - | - | - | - |" in table
+    assert "| fedlr | 10.0 | 0.80 | 0.0 | 4 | 43.2 s | 4 | 43.2 s | 4 | 43.2 s |" in table
+    # 95% of 0.8 = 0.76: FeDeRA never gets there.
+    assert "| federa | 10.0 | 0.80 | 5.0 (setup) | 2 | 26.6 s | - | - | - | - |" in table
+
+
+def test_logged_svd_time_is_preferred_and_partial_seeds_are_marked(tmp_path):
+    make_run(tmp_path, "s0", "federa", {2: 0.6, 4: 0.9}, seed=0,
+             summary={"seconds-setup": 5.0, "seconds-svd": 1.5})
+    make_run(tmp_path, "s1", "federa", {2: 0.5, 4: 0.6}, seed=1,
+             summary={"seconds-setup": 5.0, "seconds-svd": 1.5})
+    groups = group_runs(find_runs([tmp_path]))
+    assert one_off_seconds(groups[0].runs[0]) == (1.5, "seconds-svd")
+    # Target 0.6: seed 0 reaches 90% (0.54) at round 2, seed 1 at round 4: 3 ± 1.4 rounds.
+    table = time_to_target_table(groups, "accuracy", 0.6, 25.0, fractions=[0.9, 2.0])
+    t0, t1 = 1.5 + 2 * ROUND_SECONDS, 1.5 + 4 * ROUND_SECONDS
+    std = np.std([t0, t1], ddof=1)
+    assert f"| 3 ± 1.4 | {fmt_duration((t0 + t1) / 2, std)} | - | - |" in table
+    table = time_to_target_table(groups, "accuracy", 0.9, 25.0, fractions=[1.0])
+    assert f"| 4 (1/2) | {fmt_duration(t1)} (1/2) |" in table
+
+
+def test_slora_without_logged_svd_counts_its_slowest_aggregation(tmp_path):
+    (run,) = find_runs([make_run(tmp_path, "slora", "slora", {4: 0.5}, summary={})])
+    assert one_off_seconds(run) == (0.1, "seconds-aggregate")  # every round aggregates in 0.1 s
+
+
+def test_default_rounds_and_durations(tmp_path):
+    a = make_run(tmp_path, "a", "fedlr", {r: 0.1 for r in range(2, 101, 2)}, rounds=100)
+    b = make_run(tmp_path, "b", "federa", {r: 0.1 for r in range(5, 101, 5)}, rounds=100)
+    c = make_run(tmp_path, "c", "fedft", {2: 0.1, 4: 0.2, 6: 0.3, 8: 0.4}, rounds=8)
+    assert default_rounds(find_runs([a, b]), "accuracy") == [10, 50, 100]
+    assert default_rounds(find_runs([c]), "accuracy") == [2, 6, 8]  # spread over 2, 4, 6, 8
+    assert parse_rounds("10, 50,100") == [10, 50, 100] and parse_rounds(None) is None
+    with pytest.raises(ValueError, match="--rounds"):
+        parse_rounds("ten")
+    assert fmt_duration(43.2) == "43.2 s"
+    assert fmt_duration(600, 60) == "10.0 ± 1.0 min"
+    assert fmt_duration(9000) == "2.5 h"
+
+
+def test_unfinished_run_with_a_broken_last_line(tmp_path):
+    folder = make_run(tmp_path, "live", "federa", {2: 0.3}, rounds=3)
+    folder.joinpath("config.toml").write_text(
+        folder.joinpath("config.toml").read_text().replace("rounds = 3", "rounds = 10"))
+    with open(folder / "rounds.jsonl", "a") as fh:
+        fh.write('{"round": 4, "clie')  # killed mid-write
+    (run,) = find_runs([tmp_path])
+    assert len(run.rounds) == 3 and run.summary is None
+    assert "| federa | - | - | 2.50 | 1 | 3/10 | 0.3000 |" in results_table(
+        group_runs([run]), "accuracy", [2])
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(runs, f"fedlr-s{seed}", "fedlr", {2: 0.3 + seed / 10, 4: 0.5}, seed=seed,
+                 summary={}, drift=True)
+        make_run(runs, f"federa-s{seed}", "federa", {2: 0.6, 4: 0.7 + seed / 10}, seed=seed,
+                 summary={"seconds-setup": 2.0}, drift=True)
+    assert main(["report", str(runs), "--out", str(tmp_path / "out"), "--rounds", "2,4"]) == 0
+    out = tmp_path / "out"
+    text = (out / "REPORT.md").read_text()
+    assert "| federa | 0.001 | 1,234 | 2.50 | 2 | 4 | 0.6000 ± 0.0000 | 0.7500 ± 0.0707 |" in text
+    assert "Target accuracy = 0.7500" in text and "reached by federa" in text
+    assert "## semeval: drift of the LoRA factors" in text
+    expected = ["accuracy-vs-round.png", "accuracy-vs-bytes.png", "drift.png",
+                "drift-layers.png", "partition-semeval-a1.0-n3-s0.png",
+                "partition-semeval-a1.0-n3-s1.png"]
+    for name in expected:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in text
+    # Every run read is listed, with its own numbers.
+    assert text.count("| semeval | fedlr |") == 2 and "runs/fedlr-s1" in text
+
+
+def test_report_default_output_beside_the_runs_and_errors(tmp_path):
+    make_run(tmp_path / "runs", "only", "fedlr", {4: 0.5})
+    assert build_report([tmp_path / "runs"]) == tmp_path / "runs" / "report" / "REPORT.md"
+    with pytest.raises(ValueError, match="no such folder"):
+        build_report([tmp_path / "missing"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no run"):
+        build_report([empty])
