@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--methods", default="fedft,fedlr,federa")
     parser.add_argument("--settings", default="semeval:64,20news:128")
     parser.add_argument("--samples-per-client", type=int, default=320)
+    parser.add_argument("--rounds", type=int, default=3, help="simulated rounds (>= 2)")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args()
     results = []
@@ -92,7 +93,7 @@ def main() -> None:
         for method in args.methods.split(","):
             cfg = load_config(None, [
                 f"task={task}", f"method={method}", f"max-length={length}", "num-clients=4",
-                "clients-per-round=2", "rounds=3", f"eval-every=1000", "max-test-samples=16",
+                "clients-per-round=2", f"rounds={args.rounds}", "eval-every=1000", "max-test-samples=16",
                 f"max-train-samples={4 * args.samples_per_client}", "alpha=100",
             ])
             bare = bare_samples_per_second(cfg)
@@ -102,6 +103,9 @@ def main() -> None:
                    "bare-samples-per-s": bare, "local-train-samples-per-s": loop,
                    "federated-samples-per-s": fed, "ratio": fed / bare,
                    "round-seconds": [r["seconds"] for r in rounds],
+                   "round-split": [{k: r.get(k) for k in ("seconds-train", "seconds-clients",
+                                                          "seconds-handlers", "seconds-aggregate",
+                                                          "seconds-eval")} for r in rounds],
                    "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             results.append(row)

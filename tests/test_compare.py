@@ -12,8 +12,8 @@ def fake_simulate(scores: dict):
     """A stand-in for a federated run: the 'valid' and test metrics depend on (method, lr)."""
     calls = []
 
-    def simulate(cfg: RunConfig) -> dict:
-        calls.append(cfg)
+    def simulate(cfg: RunConfig, resume: bool = False) -> dict:
+        calls.append((cfg, resume) if resume else cfg)
         valid, test = scores[(cfg.method, cfg.lr)]
         summary = {"method": cfg.method, "metric": "accuracy", "rounds": cfg.rounds,
                    "final": {"accuracy": test, "valid-accuracy": valid}, "best": test,
@@ -56,3 +56,26 @@ def test_best_validation_lr_is_chosen_and_test_is_reported(tmp_path):
     # A second invocation finds every finished run and redoes none.
     again = run_jobs(jobs, simulate, log=lambda _: None)
     assert len(calls) == 3 and len(again) == 3
+
+
+def test_interrupted_and_extended_runs_resume_from_their_checkpoint(tmp_path):
+    import numpy as np
+
+    from fedpeft.federation.checkpoint import Checkpoint, save_checkpoint
+
+    simulate, calls = fake_simulate({("fedlr", None): (0.0, 0.3), ("federa", None): (0.0, 0.4)})
+    jobs = plan(RunConfig(rounds=5), ["fedlr", "federa"], {}, {}, [0], str(tmp_path))
+    interrupted = jobs[0].cfg.run_dir()  # fedlr: a checkpoint after round 3, no summary
+    interrupted.mkdir(parents=True)
+    save_checkpoint(interrupted, Checkpoint(
+        round=3, global_state={"w": np.zeros(2, np.float32)},
+        sampler=np.random.default_rng(0).bit_generator.state, anchored=[], method_state={},
+        history=[], anchor_id="", config={}, seconds=1.0))
+    shorter = jobs[1].cfg.run_dir()  # federa: finished 3 of the 5 rounds now asked for
+    shorter.mkdir(parents=True)
+    (shorter / "summary.json").write_text(json.dumps({"rounds": 3}))
+    lines = []
+    run_jobs(jobs, simulate, log=lines.append)
+    assert [c[1] if isinstance(c, tuple) else False for c in calls] == [True, False]
+    assert "resuming after round 3" in lines[0]
+    assert len(run_jobs(jobs, simulate, log=lambda _: None)) == 2 and len(calls) == 2

@@ -136,3 +136,13 @@ def test_adapter_sites_per_architecture(tiny_models):
         sites = adapter_sites(model)
         assert len(sites) == 2 * LAYERS, (arch, sites)
         assert sum(s.endswith(attn) for s in sites) == LAYERS, (arch, sites)
+
+
+def test_default_learning_rate_depends_on_method_and_task_kind():
+    from fedpeft.methods import make_method
+
+    federa = RunConfig(method="federa")
+    assert make_method(federa, "SEQ_CLS").lr == 1e-3
+    assert make_method(federa, "TOKEN_CLS").lr == 5e-3  # NER stays all-O at 1e-3
+    assert make_method(RunConfig(method="federa", lr=2e-4), "TOKEN_CLS").lr == 2e-4  # user wins
+    assert make_method(RunConfig(method="fedft"), "TOKEN_CLS").lr == 5e-5

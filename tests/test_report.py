@@ -11,7 +11,8 @@ from fedpeft.cli import main
 from fedpeft.drift import DriftTracker
 from fedpeft.report import build_report, find_runs, group_runs, parse_rounds
 from fedpeft.report_tables import (choose_target, default_rounds, fmt_duration, one_off_seconds,
-                                   results_table, time_to_target, time_to_target_table)
+                                   results_table, round_time_table, time_to_target,
+                                   time_to_target_table)
 
 # Per round: 2 clients, each receiving and sending 1.25 MB -> 2.5 MB = 20 Mbit per client,
 # 0.8 s at 25 Mbit/s; the slowest client trains 10 s -> 10.8 s per modelled round.
@@ -20,7 +21,8 @@ ROUND_SECONDS = 10.8
 
 def make_run(root: Path, name: str, method: str, evals: dict[int, float], seed: int = 0,
              rounds: int = 4, lr: float | None = None, valid: dict[int, float] | None = None,
-             summary: dict | None = None, drift: bool = False, **settings) -> Path:
+             summary: dict | None = None, drift: bool = False, split: bool = False,
+             **settings) -> Path:
     """A run folder as `fedpeft run` leaves it, with the given test metric at given rounds."""
     folder = root / name
     folder.mkdir(parents=True)
@@ -42,6 +44,8 @@ def make_run(root: Path, name: str, method: str, evals: dict[int, float], seed: 
                   "train-loss": 1.0, "metrics": metrics, "bytes-down": 2_500_000,
                   "bytes-up": 2_500_000, "seconds": 12.0, "seconds-train": 11.0,
                   "seconds-client-max": 10.0, "seconds-aggregate": 0.1, "seconds-eval": 0.9}
+        if split:  # 2 clients x 4 s training, 0.5 s handling each; round 1 has 3 s of start-up
+            record.update({"seconds-clients": 8.0, "seconds-handlers": 9.0 + 3 * (r == 1)})
         if drift:
             record["drift"] = tracker.observe(
                 {key.format(i, f): rng.normal(size=(4, 3)) for i in (0, 1) for f in "AB"})
@@ -200,3 +204,14 @@ def test_report_default_output_beside_the_runs_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no run"):
         build_report([empty])
+
+
+def test_round_time_split_by_hand(tmp_path):
+    make_run(tmp_path, "fedlr-s0", "fedlr", {4: 0.5}, summary={}, split=True)
+    make_run(tmp_path, "federa-s0", "federa", {4: 0.6}, summary={})  # logged before the split
+    table = round_time_table(group_runs(find_runs([tmp_path])))
+    # rounds 2-4: 12 s each = 8 training + 1 handling + (11 - 9) transport + 0.1 + 0.9
+    assert "| fedlr | 3 | 12.0 | 8.00 | 1.00 | 2.00 | 0.10 | 0.90 | 67% |" in table
+    assert "federa" not in table
+    text = build_report([tmp_path], out=tmp_path / "out").read_text()
+    assert "where a round's time goes" in text

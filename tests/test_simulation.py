@@ -30,6 +30,12 @@ def test_federated_run_changes_exactly_the_trainable_state(tiny_models, tmp_path
         assert r["bytes-up"] > 0 and r["bytes-down"] > r["bytes-up"] / 2
         assert "accuracy" in r["metrics"] and np.isfinite(r["train-loss"])
     assert len(set(rounds[0]["clients"])) == 2
+    # Drift of the global LoRA factors is logged every round, per layer, for A and B.
+    for r in rounds:
+        assert set(r["drift"]["mean"]) == {"A", "B"}
+        assert r["drift"]["mean"]["A"]["magnitude"] > 0 and r["drift"]["mean"]["B"]["direction"] > 0
+        assert set(r["drift"]["layers"]) == {"0", "1"}
+    assert summary["seconds-svd"] > 0  # FeDeRA's initial SVD, timed on the server
     # FeDeRA: the anchor travels once per client, so round 1 sends more than a later round
     # with the same clients would. Upload per client equals the trainable payload.
     init = Runtime(cfg)

@@ -153,6 +153,9 @@ def test_simulation_crosses_the_stage_switch(tiny_models, tmp_path):
     assert [s["trained-stage"] for s in states] == [1, 2, 2]
     assert [s["stage"] for s in states] == [2, 2, 2]
     assert states[0]["priming"]["round"] == 1
+    assert summary["seconds-svd"] == states[0]["priming"]["seconds-svd"] > 0
+    # Drift starts at the switch: round 2 is the first with LoRA factors before and after.
+    assert "drift" not in rounds[0] and "drift" in rounds[1] and "drift" in rounds[2]
     assert all(r["successes"] == 2 and not r["failures"] for r in rounds)
     # 2 clients x (4 x 51 masked values + head) up in stage 1, 2 x (4 x 4 x 64 + head) in stage 2
     assert rounds[0]["bytes-up"] < rounds[1]["bytes-up"] == rounds[2]["bytes-up"]

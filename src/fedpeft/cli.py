@@ -172,7 +172,7 @@ def _compare(args: argparse.Namespace) -> int:
     root = args.root or ("runs/demo" if demo else default_root(base))
     jobs = plan(base, methods, parse_assignments(args.sweep, "--sweep"),
                 parse_assignments(args.lr_grid, "--lr-grid"), seeds, root)
-    results = run_jobs(jobs, lambda cfg: simulate(cfg, overwrite=True), overwrite=args.overwrite,
+    results = run_jobs(jobs, lambda cfg, resume: simulate(cfg, overwrite=not resume, resume=resume), overwrite=args.overwrite,
                        log=lambda line: print(line, file=sys.stderr))
     print(results_table(select_learning_rates(results)))
     return 0

@@ -69,18 +69,31 @@ def plan(base: RunConfig, methods: list[str], sweeps: dict[str, list[str]],
     return jobs
 
 
-def run_jobs(jobs: list[Job], simulate: Callable[[RunConfig], dict[str, Any]],
+def run_jobs(jobs: list[Job], simulate: Callable[..., dict[str, Any]],
              overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run each job unless its folder already holds a finished run; return the summaries."""
+    """Run each job; return the summaries.
+
+    A folder that holds a finished run of at least the job's rounds is not redone; one with a
+    checkpoint (an interrupted run, or a finished one now asked for more rounds) is resumed from
+    it; anything else starts afresh. ``simulate(cfg, resume=...)`` runs one job.
+    """
+    from .federation.checkpoint import load_checkpoint
+
     summaries = []
     for i, job in enumerate(jobs, start=1):
-        done = job.cfg.run_dir() / "summary.json"
-        if done.exists() and not overwrite:
-            log(f"[{i}/{len(jobs)}] {job.cfg.run_dir()}: finished, not redone")
-            summary = json.loads(done.read_text())
+        path = job.cfg.run_dir()
+        done = path / "summary.json"
+        finished = json.loads(done.read_text()) if done.exists() and not overwrite else None
+        if finished is not None and finished.get("rounds", 0) >= job.cfg.rounds:
+            log(f"[{i}/{len(jobs)}] {path}: finished, not redone")
+            summary = finished
         else:
-            log(f"[{i}/{len(jobs)}] {job.cfg.run_dir()}")
-            summary = simulate(job.cfg)
+            checkpoint = None if overwrite else load_checkpoint(path)
+            if checkpoint is not None:
+                log(f"[{i}/{len(jobs)}] {path}: resuming after round {checkpoint.round}")
+            else:
+                log(f"[{i}/{len(jobs)}] {path}")
+            summary = simulate(job.cfg, resume=checkpoint is not None)
         summaries.append({**summary, "job": job})
     return summaries
 

@@ -265,9 +265,20 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
               "reached by k of n seeds (mean over those). Modelled time = one-off + per round "
               "(slowest client's measured local training + one client's bytes down and up at "
               f"{bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for FeDeRA/SLoRA "
-              "(`seconds-svd`; not logged: `(setup)` = FeDeRA's whole server set-up, "
-              "`(aggregate)` = SLoRA's slowest aggregation, upper bounds).", "",
+              "(`seconds-svd` of the summary; runs older than that field: `(setup)` = FeDeRA's "
+              "whole server set-up, `(aggregate)` = SLoRA's slowest aggregation, upper "
+              "bounds).", "",
               tables.time_to_target_table(groups, metric, goal, bandwidth_mbit), ""]
+    timing = tables.round_time_table(groups)
+    if timing.count("\n") > 1:
+        lines += [f"## {task}: where a round's time goes", "",
+                  "Mean seconds per round over rounds 2.. (round 1 includes start-up), split "
+                  "into the clients' local training (summed over the sampled clients), the rest "
+                  "of their train handlers (decode/encode), transport + server (serialisation, "
+                  "Flower/Ray messaging, validation of updates), aggregation and evaluation "
+                  "(amortised over all rounds). Exact with one simulation worker; with several, "
+                  "clients overlap and the client columns exceed wall time.", "",
+                  timing, ""]
     drifting = [g for g in groups if any(r.get("drift") for run in g.runs for r in run.rounds)]
     if drifting:
         lines += [f"## {task}: drift of the LoRA factors (FeDeRA §4.2, Fig. 3/4)", "",

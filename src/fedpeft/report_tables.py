@@ -200,3 +200,43 @@ def drift_table(groups: Sequence[Group]) -> str:
             cells.append(fmt_mean_std(per_seed, digits=5) if per_seed else "-")
         lines.append(_row(cells))
     return "\n".join(lines)
+
+
+ROUND_PHASES = ("local training", "client handling", "transport + server", "aggregation",
+                "evaluation")
+
+
+def round_split(record: dict[str, Any]) -> dict[str, float] | None:
+    """Seconds of one round by phase, or None for rounds logged without ``seconds-handlers``.
+
+    local training = the sampled clients' ``train-seconds`` summed; client handling = the rest of
+    their train handlers (model set-up on first use, decoding, encoding); transport + server =
+    the train phase's remainder (serialisation, Flower/Ray transport, scheduling, validation);
+    then aggregation (with any method step, e.g. SLoRA's switch) and evaluation. The sums are
+    wall time only with one simulation worker (clients then train one after another).
+    """
+    if "seconds-handlers" not in record:
+        return None
+    clients, handlers = float(record["seconds-clients"]), float(record["seconds-handlers"])
+    return {"local training": clients, "client handling": handlers - clients,
+            "transport + server": float(record["seconds-train"]) - handlers,
+            "aggregation": float(record["seconds-aggregate"]),
+            "evaluation": float(record["seconds-eval"])}
+
+
+def round_time_table(groups: Sequence[Group]) -> str:
+    """Per group: mean seconds per round and its split by phase (``round_split``) over rounds
+    2.. (round 1 includes the workers' start-up), pooled over seeds; evaluation amortised over
+    all rounds; the share of local training in the round."""
+    columns = ["method", "rounds", "s / round", *ROUND_PHASES, "training share"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        records = [rec for r in g.runs for rec in r.rounds[1:] if round_split(rec) is not None]
+        if not records:
+            continue
+        splits = [round_split(rec) for rec in records]
+        total = float(np.mean([rec["seconds"] for rec in records]))
+        means = [float(np.mean([s[p] for s in splits])) for p in ROUND_PHASES]  # type: ignore[index]
+        lines.append(_row([g.label, str(len(records)), f"{total:.1f}",
+                           *(f"{m:.2f}" for m in means), f"{means[0] / total:.0%}"]))
+    return "\n".join(lines)

@@ -90,6 +90,7 @@ def injected_fault(seed: int, fail_rate: float, server_round: int, pid: int,
 
 def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDict:
     """Run one local round for client ``pid``; ``state`` is the node's persistent state."""
+    started = time.perf_counter()
     config = content["config"]
     cfg = RunConfig.from_json(str(config["run-config"]))
     server_round = int(config["round"])
@@ -131,8 +132,10 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
         "train-seconds": result.seconds,
         "partition-id": pid,
     })
-    return RecordDict({"arrays": to_record(encode(update, cfg.transport_dtype)),
-                       "metrics": metrics})
+    arrays = to_record(encode(update, cfg.transport_dtype))
+    # Everything this handler did (model build on first use, decode, train, encode)
+    metrics["handler-seconds"] = time.perf_counter() - started
+    return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
 def _corrupt(update: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:

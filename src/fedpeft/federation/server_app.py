@@ -32,6 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # 
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
+from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
 from .aggregation import exact_lora_mean, fedavg  # noqa: E402
@@ -59,7 +60,8 @@ class Update:
     state: dict[str, np.ndarray]
     weight: float
     loss: float
-    seconds: float
+    seconds: float  # local training
+    handler_seconds: float  # the client's whole train handler (decode, train, encode)
 
 
 @dataclass
@@ -152,6 +154,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     else:
         global_state = runtime.method.export_state(runtime.model)
         history, done, before = [], 0, 0.0
+    drift = DriftTracker()  # LoRA factors only; other methods log no drift
+    drift.observe(global_state)
     nodes = discover_nodes(grid, cfg.num_clients)
     base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key}
     setup_seconds = time.perf_counter() - started
@@ -181,6 +185,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
             metrics_eval = runtime.evaluate("test")
         t_end = time.perf_counter()
+        drifted = drift.observe(global_state)
         weights = [u.weight for u in result.updates]
         record: Record = {
             "round": server_round,
@@ -198,9 +203,12 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "seconds": t_end - t0,
             "seconds-train": t_train - t0,
             "seconds-client-max": max((u.seconds for u in result.updates), default=0.0),
+            "seconds-clients": sum(u.seconds for u in result.updates),  # local training, summed
+            "seconds-handlers": sum(u.handler_seconds for u in result.updates),
             "seconds-aggregate": t_agg - t_train,
             "seconds-eval": t_end - t_agg,
             **({"nodes": node_changes} if node_changes else {}),
+            **({"drift": drifted} if drifted else {}),
             **extra,
             **({"method-state": method_state} if (method_state := runtime.method.state_dict())
                else {}),
@@ -220,6 +228,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     summary.update({
         "seconds": before + time.perf_counter() - started,
         "seconds-setup": setup_seconds,
+        "seconds-svd": runtime.method.svd_seconds,
         "resumed-from-round": done,
         "mean-pairwise-js": mean_pairwise_js(partition.histograms),
         "frozen-digest-start": digest_start,
@@ -292,6 +301,7 @@ def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size
         weight = float(metrics["num-examples"])
         state = decode(from_record(reply.content["arrays"]), cfg.transport_dtype)
         loss, seconds = float(metrics["train-loss"]), float(metrics["train-seconds"])
+        handler = float(metrics.get("handler-seconds", seconds))
     except (KeyError, TypeError, ValueError) as err:
         return None, f"malformed reply: {err!r}"
     if claimed != pid:
@@ -299,7 +309,7 @@ def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size
     reason = check_weight(weight, size) or check_update(state, reference, cfg.max_update_norm)
     if reason:
         return None, reason
-    return Update(pid, ordered_like(state, reference), weight, loss, seconds), ""
+    return Update(pid, ordered_like(state, reference), weight, loss, seconds, handler), ""
 
 
 def aggregate_updates(cfg: RunConfig, updates: list[Update]

@@ -29,13 +29,19 @@ class Method(ABC):
     paper: str = ""  # reference shown by `fedpeft methods`
     default_lr: float = 1e-3  # measured on SemEval with the bundled model (see README)
 
+    # Default rates that differ by task kind ("classification" | "ner" | "qa"), where measured.
+    kind_lrs: dict[str, float] = {}
+
     def __init__(self, cfg: RunConfig, peft_task_type: str) -> None:
         self.cfg = cfg
         self.peft_task_type = peft_task_type
+        self.svd_seconds = 0.0  # server time spent in SVDs (FeDeRA's init, SLoRA's switch)
 
     @property
     def lr(self) -> float:
-        return self.cfg.lr if self.cfg.lr is not None else self.default_lr
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return self.kind_lrs.get(task_kind(self.peft_task_type), self.default_lr)
 
     @abstractmethod
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -95,3 +101,8 @@ def freeze_all_but_head(model: torch.nn.Module) -> None:
     model.requires_grad_(False)
     for name in head_module_names(model):
         getattr(model, name).requires_grad_(True)
+
+
+def task_kind(peft_task_type: str) -> str:
+    """The task family of a PEFT task type: classification, ner or qa."""
+    return {"TOKEN_CLS": "ner", "QUESTION_ANS": "qa"}.get(peft_task_type, "classification")

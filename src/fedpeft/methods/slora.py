@@ -20,6 +20,7 @@ stage each round trained in, and the switch with the share of ||dW||^2 the rank-
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -148,7 +149,7 @@ class SLoRA(LoRA):
         self.stage = 2
         model = build()
         inner = model.get_base_model()  # the transformers model inside the PEFT wrapper
-        kept = []
+        kept, started = [], time.perf_counter()
         with torch.no_grad():
             for name, layer in lora_layers(inner).items():
                 dw = updates[name]
@@ -161,7 +162,9 @@ class SLoRA(LoRA):
             for name, state in heads.items():
                 getattr(inner, name).modules_to_save["default"].load_state_dict(state)
         self.priming = {"round": server_round, "rank": self.cfg.lora_rank,
-                        "energy-kept": float(np.mean(kept))}
+                        "energy-kept": float(np.mean(kept)),
+                        "seconds-svd": time.perf_counter() - started}
+        self.svd_seconds = self.priming["seconds-svd"]
         return model
 
     def _set_stage(self, runtime: Any, stage: int, mask_seed: int) -> None:
@@ -189,5 +192,6 @@ class SLoRA(LoRA):
 
     def load_state_dict(self, state: Mapping[str, Any], runtime: Any) -> None:
         self.priming = dict(state.get("priming", {}))
+        self.svd_seconds = float(self.priming.get("seconds-svd", 0.0))
         self._set_stage(runtime, int(state.get("stage", 1)),
                         int(state.get("mask-seed", self.mask_seed)))
