@@ -93,7 +93,8 @@ def main() -> None:
         for method in args.methods.split(","):
             cfg = load_config(None, [
                 f"task={task}", f"method={method}", f"max-length={length}", "num-clients=4",
-                "clients-per-round=2", f"rounds={args.rounds}", "eval-every=1000", "max-test-samples=16",
+                "clients-per-round=2", f"rounds={args.rounds}", "eval-every=1000",
+                "max-test-samples=16",
                 f"max-train-samples={4 * args.samples_per_client}", "alpha=100",
             ])
             bare = bare_samples_per_second(cfg)

@@ -168,7 +168,7 @@ def test_unfinished_run_with_a_broken_last_line(tmp_path):
         fh.write('{"round": 4, "clie')  # killed mid-write
     (run,) = find_runs([tmp_path])
     assert len(run.rounds) == 3 and run.summary is None
-    assert "| federa | - | - | 2.50 | 1 | 3/10 | 0.3000 |" in results_table(
+    assert "| federa | 0.001 | - | 2.50 | 1 | 3/10 | 0.3000 |" in results_table(
         group_runs([run]), "accuracy", [2])
 
 
@@ -210,8 +210,22 @@ def test_round_time_split_by_hand(tmp_path):
     make_run(tmp_path, "fedlr-s0", "fedlr", {4: 0.5}, summary={}, split=True)
     make_run(tmp_path, "federa-s0", "federa", {4: 0.6}, summary={})  # logged before the split
     table = round_time_table(group_runs(find_runs([tmp_path])))
-    # rounds 2-4: 12 s each = 8 training + 1 handling + (11 - 9) transport + 0.1 + 0.9
-    assert "| fedlr | 3 | 12.0 | 8.00 | 1.00 | 2.00 | 0.10 | 0.90 | 67% |" in table
+    # rounds 2-4: 12 s each - 0.9 evaluation = 8 training + 1 handling + (11 - 9) transport
+    # + 0.1 aggregation; 0.9 s for the one evaluation (round 4)
+    assert "| fedlr | 3 | 11.1 | 8.00 | 1.00 | 2.00 | 0.10 | 72% | 0.9 |" in table
     assert "federa" not in table
     text = build_report([tmp_path], out=tmp_path / "out").read_text()
     assert "where a round's time goes" in text
+
+
+def test_up_to_compares_runs_of_different_lengths_at_equal_rounds(tmp_path):
+    make_run(tmp_path, "federa-long", "federa", {2: 0.4, 4: 0.6, 6: 0.9}, rounds=6, summary={})
+    make_run(tmp_path, "federa-exact", "federa", {2: 0.5, 4: 0.7}, rounds=4,
+             aggregation="exact-lora")  # unfinished: no summary, lr is the method's default
+    text = build_report([tmp_path], out=tmp_path / "out", up_to=4).read_text()
+    # rounds 2 and 4 of the 6-round run only: final = round 4's 0.6, not round 6's 0.9
+    assert ("| federa aggregation=fedavg | 0.001 | 1,234 | 2.50 | 1 | 4 | 0.4000 | 0.6000 "
+            "| 0.6000 |") in text
+    assert "| federa aggregation=exact-lora | 0.001 |" in text and "0.9000" not in text
+    with pytest.raises(ValueError, match="up-to"):
+        build_report([tmp_path], out=tmp_path / "out", up_to=0)

@@ -46,7 +46,8 @@ def test_federated_run_changes_exactly_the_trainable_state(tiny_models, tmp_path
     changed = [k for k in start if not np.allclose(start[k], final[k])]
     assert len(changed) == len(start)  # every trainable tensor moved (A, B and the head)
     # The frozen base never moved, and it is the residual that any fresh process computes.
-    assert summary["frozen-digest-start"] == summary["frozen-digest-end"] == frozen_digest(init.model)
+    digest = frozen_digest(init.model)
+    assert summary["frozen-digest-start"] == summary["frozen-digest-end"] == digest
     assert summary["trainable-params"] == sum(v.size for v in start.values())
     assert (run / "config.toml").exists() and (run / "partition.json").exists()
     assert json.loads((run / "summary.json").read_text())["rounds"] == 2

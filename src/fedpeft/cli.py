@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--rounds", default=None, help="comma-separated rounds for the table "
                         "(default: 10,50,100 where evaluated, else up to 3 evaluated rounds)")
     report.add_argument("--metric", default=None, help="metric to report (default: the task's)")
+    report.add_argument("--up-to", type=int, default=None, metavar="ROUND",
+                        help="read rounds 1..ROUND of every run only (compare runs of different "
+                             "lengths at an equal number of rounds)")
     report.set_defaults(func=_report, overrides=[])
     return parser
 
@@ -128,7 +131,7 @@ def _report(args: argparse.Namespace) -> int:
 
     path = build_report(args.run_dirs, out=args.out, target=args.target,
                         bandwidth_mbit=args.bandwidth_mbit, rounds=parse_rounds(args.rounds),
-                        metric=args.metric, command=report_command(args))
+                        metric=args.metric, command=report_command(args), up_to=args.up_to)
     print(f"wrote {path} and its figures")
     return 0
 
@@ -172,7 +175,11 @@ def _compare(args: argparse.Namespace) -> int:
     root = args.root or ("runs/demo" if demo else default_root(base))
     jobs = plan(base, methods, parse_assignments(args.sweep, "--sweep"),
                 parse_assignments(args.lr_grid, "--lr-grid"), seeds, root)
-    results = run_jobs(jobs, lambda cfg, resume: simulate(cfg, overwrite=not resume, resume=resume), overwrite=args.overwrite,
+
+    def run_one(cfg: RunConfig, resume: bool) -> dict:
+        return simulate(cfg, overwrite=not resume, resume=resume)
+
+    results = run_jobs(jobs, run_one, overwrite=args.overwrite,
                        log=lambda line: print(line, file=sys.stderr))
     print(results_table(select_learning_rates(results)))
     return 0

@@ -63,6 +63,13 @@ class Run:
     @property
     def lr(self) -> float | None:
         lr = self.summary.get("lr") if self.summary else self.config.get("lr")
+        if lr is None and not self.summary:  # unfinished, method default: the one it uses
+            from .methods import METHODS
+            from .tasks import TASKS
+
+            method, task = METHODS.get(self.method), TASKS.get(self.task)
+            if method is not None and task is not None:
+                lr = method(RunConfig(method=self.method), task.peft_task_type).lr
         return None if lr is None else float(lr)
 
     def metric(self) -> str:
@@ -191,7 +198,7 @@ def parse_rounds(text: str | None) -> list[int] | None:
 def report_command(args: Any) -> str:
     """The ``fedpeft report`` command line that ``args`` (argparse) stands for."""
     parts = ["fedpeft report", *map(str, args.run_dirs)]
-    for name in ("out", "target", "bandwidth_mbit", "rounds", "metric"):
+    for name in ("out", "target", "bandwidth_mbit", "rounds", "metric", "up_to"):
         value = getattr(args, name, None)
         if value is not None and not (name == "bandwidth_mbit" and value == 25.0):
             parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
@@ -203,10 +210,16 @@ def report_command(args: Any) -> str:
 def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
                  target: float | None = None, bandwidth_mbit: float = 25.0,
                  rounds: Sequence[int] | None = None, metric: str | None = None,
-                 command: str = "") -> Path:
+                 command: str = "", up_to: int | None = None) -> Path:
     """Read every run under ``paths``, write ``REPORT.md`` and its PNGs into ``out`` (default:
-    ``report/`` beside the runs) and return the report's path."""
+    ``report/`` beside the runs) and return the report's path.
+
+    ``up_to``: read only rounds 1..up_to of every run, as if each had been planned for at most
+    that many rounds (compares runs of different lengths at an equal budget; the summaries'
+    totals are then not used for the tables)."""
     runs = find_runs(paths)
+    if up_to is not None:
+        runs = [truncate(r, up_to) for r in runs]
     usable = [r for r in runs if r.rounds]
     if not usable:
         raise ValueError(f"no run with logged rounds under {', '.join(map(str, paths))}")
@@ -231,6 +244,15 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
     report = folder / "REPORT.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def truncate(run: Run, up_to: int) -> Run:
+    """``run`` as it stood after round ``up_to`` (``rounds`` setting capped at ``up_to``)."""
+    if up_to < 1:
+        raise ValueError(f"--up-to must be a round number >= 1, got {up_to}")
+    config = {**run.config, "rounds": min(int(run.config.get("rounds", up_to)), up_to)}
+    rounds = [r for r in run.rounds if int(r["round"]) <= up_to]
+    return dataclasses.replace(run, config=config, rounds=rounds)
 
 
 def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: bool,
@@ -272,12 +294,13 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
     timing = tables.round_time_table(groups)
     if timing.count("\n") > 1:
         lines += [f"## {task}: where a round's time goes", "",
-                  "Mean seconds per round over rounds 2.. (round 1 includes start-up), split "
-                  "into the clients' local training (summed over the sampled clients), the rest "
-                  "of their train handlers (decode/encode), transport + server (serialisation, "
-                  "Flower/Ray messaging, validation of updates), aggregation and evaluation "
-                  "(amortised over all rounds). Exact with one simulation worker; with several, "
-                  "clients overlap and the client columns exceed wall time.", "",
+                  "Mean seconds per round over rounds 2.. (round 1 includes start-up), without "
+                  "evaluation, split into the clients' local training (summed over the sampled "
+                  "clients), the rest of their train handlers (decode/encode), transport + server "
+                  "(serialisation, Flower/Ray messaging, validation of updates) and aggregation; "
+                  "then the seconds of one evaluation of the global model. Exact with one "
+                  "simulation worker; with several, clients overlap and the client columns "
+                  "exceed wall time.", "",
                   timing, ""]
     drifting = [g for g in groups if any(r.get("drift") for run in g.runs for r in run.rounds)]
     if drifting:
@@ -344,8 +367,10 @@ def _runs_section(runs: list[Run]) -> list[str]:
         metric = run.metric()
         final = run.final(metric)
         best = max((v for _, v in run.series(metric)), default=None)
-        minutes = (run.summary or {}).get("seconds") or sum(r.get("seconds", 0)
-                                                            for r in run.rounds)
+        summary = run.summary or {}
+        finished = len(run.rounds) == summary.get("rounds")  # all of it (not cut by --up-to)
+        minutes = (summary.get("seconds") if finished else None) or sum(
+            r.get("seconds", 0) for r in run.rounds)
         lines.append(f"| `{_display(run.path)}` | {run.task} | {run.method} | "
                      f"{run.config.get('seed')} | {'-' if run.lr is None else f'{run.lr:g}'} | "
                      f"{len(run.rounds)}/{run.config.get('rounds')} | "

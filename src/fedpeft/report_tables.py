@@ -202,8 +202,7 @@ def drift_table(groups: Sequence[Group]) -> str:
     return "\n".join(lines)
 
 
-ROUND_PHASES = ("local training", "client handling", "transport + server", "aggregation",
-                "evaluation")
+ROUND_PHASES = ("local training", "client handling", "transport + server", "aggregation")
 
 
 def round_split(record: dict[str, Any]) -> dict[str, float] | None:
@@ -212,31 +211,33 @@ def round_split(record: dict[str, Any]) -> dict[str, float] | None:
     local training = the sampled clients' ``train-seconds`` summed; client handling = the rest of
     their train handlers (model set-up on first use, decoding, encoding); transport + server =
     the train phase's remainder (serialisation, Flower/Ray transport, scheduling, validation);
-    then aggregation (with any method step, e.g. SLoRA's switch) and evaluation. The sums are
-    wall time only with one simulation worker (clients then train one after another).
+    aggregation (with any method step, e.g. SLoRA's switch). Evaluation is kept apart. The sums
+    are wall time only with one simulation worker (clients then train one after another).
     """
     if "seconds-handlers" not in record:
         return None
     clients, handlers = float(record["seconds-clients"]), float(record["seconds-handlers"])
     return {"local training": clients, "client handling": handlers - clients,
             "transport + server": float(record["seconds-train"]) - handlers,
-            "aggregation": float(record["seconds-aggregate"]),
-            "evaluation": float(record["seconds-eval"])}
+            "aggregation": float(record["seconds-aggregate"])}
 
 
 def round_time_table(groups: Sequence[Group]) -> str:
-    """Per group: mean seconds per round and its split by phase (``round_split``) over rounds
-    2.. (round 1 includes the workers' start-up), pooled over seeds; evaluation amortised over
-    all rounds; the share of local training in the round."""
-    columns = ["method", "rounds", "s / round", *ROUND_PHASES, "training share"]
+    """Per group, over rounds 2.. (round 1 includes the workers' start-up) pooled over seeds:
+    mean seconds per round without evaluation, split by phase (``round_split``), the share of
+    local training, and the mean seconds of one evaluation (over the rounds that evaluated)."""
+    columns = ["method", "rounds", "s / round", *ROUND_PHASES, "training share",
+               "s / evaluation"]
     lines = [_row(columns), _rule(len(columns))]
     for g in groups:
         records = [rec for r in g.runs for rec in r.rounds[1:] if round_split(rec) is not None]
         if not records:
             continue
-        splits = [round_split(rec) for rec in records]
-        total = float(np.mean([rec["seconds"] for rec in records]))
-        means = [float(np.mean([s[p] for s in splits])) for p in ROUND_PHASES]  # type: ignore[index]
+        splits = [split for rec in records if (split := round_split(rec)) is not None]
+        total = float(np.mean([rec["seconds"] - rec["seconds-eval"] for rec in records]))
+        means = [float(np.mean([s[p] for s in splits])) for p in ROUND_PHASES]
+        evals = [rec["seconds-eval"] for r in g.runs for rec in r.rounds if rec.get("metrics")]
         lines.append(_row([g.label, str(len(records)), f"{total:.1f}",
-                           *(f"{m:.2f}" for m in means), f"{means[0] / total:.0%}"]))
+                           *(f"{m:.2f}" for m in means), f"{means[0] / total:.0%}",
+                           f"{np.mean(evals):.1f}" if evals else "-"]))
     return "\n".join(lines)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Copy the experiments' run logs (not their checkpoints or weights) from runs/exp/ into the
+# tracked results/ tree, then regenerate the reports from those copies alone:
+#
+#   bash scripts/results.sh            # results/runs/... + docs/results/REPORT.md (+ PNGs)
+#
+# Unfinished runs are copied as they stand (the report marks them done/planned); run again
+# after more rounds. The comparisons of BENCHMARKS.md are reported into benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FEDPEFT=${FEDPEFT:-.venv/bin/fedpeft}
+mkdir -p results/runs
+if [ -d runs/exp ]; then
+  (cd runs/exp && find . -name rounds.jsonl -printf '%h\n') | while read -r run; do
+    mkdir -p "results/runs/$run"
+    for file in config.toml rounds.jsonl summary.json partition.json; do
+      if [ -f "runs/exp/$run/$file" ]; then cp "runs/exp/$run/$file" "results/runs/$run/$file"; fi
+    done
+  done
+fi
+
+report() {  # report OUT RUN_DIR... [options]: only run folders that exist
+  local out=$1
+  shift
+  local dirs=() opts=()
+  for arg in "$@"; do
+    if [[ $arg == --* || ${#opts[@]} -gt 0 ]]; then opts+=("$arg")
+    elif [ -e "$arg" ]; then dirs+=("$arg")
+    fi
+  done
+  if [ ${#dirs[@]} -gt 0 ]; then "$FEDPEFT" report "${dirs[@]}" --out "$out" "${opts[@]}"; fi
+}
+
+# Issue 8, run 1: SemEval, 100 clients, 10 per round, Dir(1), 100 rounds
+report docs/results/semeval-a1 results/runs/semeval-a1 --rounds 10,20,50,100
+# Heterogeneity sweep (FedLR vs FeDeRA at several Dir(alpha))
+report docs/results/semeval-alpha results/runs/semeval-alpha results/runs/semeval-a1/fedlr-s0 \
+  results/runs/semeval-a1/federa-s0
+# Rank / adapter budget sweeps
+report docs/results/semeval-budget results/runs/semeval-rank results/runs/semeval-adapter
+report docs/results/20news-a0.1 results/runs/20news-a0.1
+report docs/results/wnut17-a1 results/runs/wnut17-a1
+report docs/results/squad-a1 results/runs/squad-a1
+# BENCHMARKS.md: exact LoRA aggregation and bf16 transport vs the fp32 FedAvg runs, 40 rounds
+report benchmarks/results/aggregation results/runs/semeval-a1-exact \
+  results/runs/semeval-a1/fedlr-s0 results/runs/semeval-a1/federa-s0 --up-to 40 \
+  --rounds 10,20,30,40
+report benchmarks/results/transport results/runs/semeval-a1-bf16 \
+  results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40
