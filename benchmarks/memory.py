@@ -20,15 +20,20 @@ import psutil
 
 
 def tree_rss(root: psutil.Process) -> int:
-    """Resident memory of ``root`` and its descendants, plus Ray processes started for it
-    (Ray's raylet/GCS/workers are re-parented, so they are found by session, not by tree)."""
-    total, seen = 0, set()
+    """Resident memory of ``root``, its descendants and the Ray cluster it started: Ray's raylet
+    and GCS are re-parented, so they are found by their session folder, which ends with the
+    driver's pid (``.../session_<date>_<pid>/``); Ray's workers and actors are the raylet's
+    children. Other Ray clusters on the machine are not counted."""
     procs = [root, *root.children(recursive=True)]
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+    marker = f"_{root.pid}/"
+    for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "default_worker" in cmd
-                             or "ray::" in cmd or "ClientAppActor" in cmd):
-            procs.append(p)
+        if marker in cmd and ("raylet" in cmd or "gcs_server" in cmd):
+            try:
+                procs += [p, *p.children(recursive=True)]
+            except psutil.Error:
+                pass
+    total, seen = 0, set()
     for p in procs:
         if p.pid in seen:
             continue

@@ -74,6 +74,7 @@ class Task(ABC):
         self.cfg = cfg
         self._all: dict[str, list[dict[str, Any]]] = {}
         self._examples: dict[str, list[dict[str, Any]]] = {}
+        self._labels: list[str] | None = None
 
     # --- raw data ------------------------------------------------------------------------------
     @abstractmethod
@@ -112,9 +113,15 @@ class Task(ABC):
         return self._examples[split]
 
     @property
-    @abstractmethod
     def label_names(self) -> list[str]:
-        """Label vocabulary of the model head (class names or BIO tags); empty for QA."""
+        """Label vocabulary of the model head (class names or BIO tags); empty for QA.
+        Computed once, by ``_label_vocabulary``."""
+        if self._labels is None:
+            self._labels = self._label_vocabulary()
+        return self._labels
+
+    def _label_vocabulary(self) -> list[str]:
+        return []
 
     @abstractmethod
     def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:

@@ -32,16 +32,6 @@ class ClassificationTask(Task):
     metric = "accuracy"
     peft_task_type = "SEQ_CLS"
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self._labels: list[str] | None = None
-
-    @property
-    def label_names(self) -> list[str]:
-        if self._labels is None:
-            self._labels = self._label_vocabulary()
-        return self._labels
-
     def _label_vocabulary(self) -> list[str]:
         """Labels in first-seen order of the training split (subclasses may fix an order)."""
         return list(dict.fromkeys(e["label"] for e in self.all_examples("train")))

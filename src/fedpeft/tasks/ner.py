@@ -157,16 +157,6 @@ class NerTask(Task):
     default_max_length = 64
     peft_task_type = "TOKEN_CLS"
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self._labels: list[str] | None = None
-
-    @property
-    def label_names(self) -> list[str]:
-        if self._labels is None:
-            self._labels = self._label_vocabulary()
-        return self._labels
-
     def _label_vocabulary(self) -> list[str]:
         train = self.all_examples("train")
         return bio_labels(sorted({t for e in train for t in entity_types(e["tags"])}))

@@ -209,10 +209,6 @@ class QATask(Task):
     default_max_length = 384
     peft_task_type = "QUESTION_ANS"
 
-    @property
-    def label_names(self) -> list[str]:
-        return []
-
     def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
         return question_clusters([e["question"] for e in examples], CLUSTERS, self.cfg.seed)
 
