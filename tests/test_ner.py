@@ -203,3 +203,15 @@ def test_federated_ner_run(tiny_models, tmp_path):
     for r in rounds:
         assert {"f1", "precision", "recall"} <= r["metrics"].keys()
     assert summary["metric"] == "f1" and 0.0 <= summary["final"]["f1"] <= 1.0
+
+
+def test_per_source_f1_scores_each_source_on_its_own():
+    from fedpeft.tasks.base import per_source_f1
+
+    examples = [{"source": "conll"}, {"source": "conll"}, {"source": "wnut"}]
+    gold = [["B-PER", "O"], ["B-LOC", "O"], ["B-ORG", "I-ORG"]]
+    pred = [["B-PER", "O"], ["O", "O"], ["B-ORG", "I-ORG"]]
+    scores = per_source_f1(examples, gold, pred, entity_scores)
+    assert scores["f1-wnut"] == 1.0
+    assert scores["f1-conll"] == pytest.approx(2 / 3)  # P 1/1, R 1/2
+    assert per_source_f1(examples[:2], gold[:2], pred[:2], entity_scores) == {}  # one source

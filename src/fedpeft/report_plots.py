@@ -142,16 +142,10 @@ def plot_drift(groups: Sequence[Group], path: Path) -> Path:
             ys = [_nanmean([_num(s[n]["mean"].get(factor, {}).get(name)) for s in per_seed])
                   for n in rounds]
             ax.plot(rounds, ys, color=f"C{i % 10}", marker="o", markersize=2, label=g.label)
-    between = _between(groups)
-    for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
-        ax.set_title(f"{factor}: {name} variation")
-        ax.grid(alpha=0.3)
-        _log_if_wide(ax)
     for ax in axes[1]:
-        ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"drift of the global LoRA factors between successive {between}")
+    _finish_drift_axes(axes, "", "round")
+    fig.suptitle(f"drift of the global LoRA factors between successive {_between(groups)}")
     return _save(fig, path)
 
 
@@ -177,15 +171,20 @@ def plot_drift_layers(groups: Sequence[Group], path: Path) -> Path:
             ys = [_nanmean(values.get((la, factor, name), [])) for la in layers]
             ax.plot(range(len(layers)), ys, color=f"C{i % 10}", marker="o", label=g.label)
             ax.set_xticks(range(len(layers)), layers)
+    _finish_drift_axes(axes, " (mean over rounds)", "layer")
+    fig.suptitle(f"drift per layer, between successive {_between(groups)}")
+    return _save(fig, path)
+
+
+def _finish_drift_axes(axes: Any, title_suffix: str, xlabel: str) -> None:
+    """Titles, grids, log scale where wide, x labels and the legend of the 2x2 drift panels."""
     for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):
-        ax.set_title(f"{factor}: {name} variation (mean over rounds)")
+        ax.set_title(f"{factor}: {name} variation{title_suffix}")
         ax.grid(alpha=0.3)
         _log_if_wide(ax)
     for ax in axes[1]:
-        ax.set_xlabel("layer")
+        ax.set_xlabel(xlabel)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"drift per layer, between successive {_between(groups)}")
-    return _save(fig, path)
 
 
 def _between(groups: Sequence[Group]) -> str:

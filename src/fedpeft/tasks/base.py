@@ -14,7 +14,7 @@ import gzip
 import io
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,3 +256,18 @@ class InvalidRecords:
                             "(fix them, or pass skip-invalid=true to skip and count them)",
                             self.found[0][0])
         return len(self.found)
+
+
+def per_source_f1(examples: list[dict[str, Any]], left: list[Any], right: list[Any],
+                  score: Callable[[list[Any], list[Any]], dict[str, float]]) -> dict[str, float]:
+    """``f1-<source>`` for each source when the examples come from several (PLONER, MRQA):
+    ``score(left, right)["f1"]`` over that source's items (``left``/``right`` are per-example
+    lists in the order ``score`` takes them). Empty for a single source."""
+    sources = sorted({e["source"] for e in examples})
+    if len(sources) < 2:
+        return {}
+    out = {}
+    for source in sources:
+        idx = [i for i, e in enumerate(examples) if e["source"] == source]
+        out[f"f1-{source}"] = score([left[i] for i in idx], [right[i] for i in idx])["f1"]
+    return out

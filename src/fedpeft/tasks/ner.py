@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import DataError, Features, InvalidRecords, Task, find_dataset, numbered_lines
+from .base import (DataError, Features, InvalidRecords, Task, find_dataset, per_source_f1,
+                   numbered_lines)
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 WNUT17_TYPES = ["corporation", "creative-work", "group", "location", "person", "product"]
@@ -202,14 +203,8 @@ class NerTask(Task):
         pred_tags = [[names[row[p]] if p >= 0 else "O" for p in positions]
                      for row, positions in zip(preds, word_positions, strict=True)]
         gold = [e["tags"] for e in examples]
-        scores = entity_scores(gold, pred_tags)
-        sources = sorted({e["source"] for e in examples})
-        if len(sources) > 1:  # per-source F1 (ploner)
-            for source in sources:
-                idx = [i for i, e in enumerate(examples) if e["source"] == source]
-                scores[f"f1-{source}"] = entity_scores([gold[i] for i in idx],
-                                                       [pred_tags[i] for i in idx])["f1"]
-        return scores
+        return {**entity_scores(gold, pred_tags),
+                **per_source_f1(examples, gold, pred_tags, entity_scores)}
 
     def _source(self, split: str) -> str:
         return f"{self.name} {split} split"

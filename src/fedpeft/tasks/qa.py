@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import DataError, Features, InvalidRecords, Task, find_dataset, open_text
+from .base import (DataError, Features, InvalidRecords, Task, find_dataset, per_source_f1,
+                   open_text)
 
 SPLIT_SEED = 0  # fixed: the article split, hence the test set, is the same for every run
 SQUAD_TEST_ARTICLES = 16  # of the 48 dev articles
@@ -275,14 +276,8 @@ class QATask(Task):
                                features.extra["offsets"], [o[0] for o in outs],
                                [o[1] for o in outs], self.cfg.n_best, self.cfg.max_answer_length)
         golds = [[a["text"] for a in e["answers"]] for e in examples]
-        scores = squad_scores(answers, golds)
-        sources = sorted({e["source"] for e in examples})
-        if len(sources) > 1:  # per-source F1 (mrqa)
-            for source in sources:
-                idx = [i for i, e in enumerate(examples) if e["source"] == source]
-                scores[f"f1-{source}"] = squad_scores([answers[i] for i in idx],
-                                                      [golds[i] for i in idx])["f1"]
-        return scores
+        return {**squad_scores(answers, golds),
+                **per_source_f1(examples, answers, golds, squad_scores)}
 
 
 def _cut(tokenizer: Any, question: str, max_tokens: int) -> str:
