@@ -41,9 +41,12 @@ report docs/results/semeval-budget results/runs/semeval-rank results/runs/semeva
 report docs/results/20news-a0.1 results/runs/20news-a0.1
 report docs/results/wnut17-a1 results/runs/wnut17-a1
 report docs/results/squad-a1 results/runs/squad-a1
-# BENCHMARKS.md: exact LoRA aggregation and bf16 transport vs the fp32 FedAvg runs, 40 rounds
+# BENCHMARKS.md: exact LoRA aggregation, bf16 transport and bf16 compute vs the main runs, at
+# round 40
 report benchmarks/results/aggregation results/runs/semeval-a1-exact \
   results/runs/semeval-a1/fedlr-s0 results/runs/semeval-a1/federa-s0 --up-to 40 \
   --rounds 10,20,30,40
-report benchmarks/results/transport results/runs/semeval-a1-bf16 \
+report benchmarks/results/transport results/runs/semeval-a1-wire16 \
+  results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40
+report benchmarks/results/precision results/runs/fp32/semeval-a1/federa-s0 \
   results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40

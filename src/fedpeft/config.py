@@ -89,6 +89,9 @@ class RunConfig:
     fail_mode: str = "raise"  # TESTING AID: raise | hang (past round-timeout) | nan | huge
     # --- runtime -----------------------------------------------------------------------------
     device: str = "cpu"  # cpu | cuda | auto
+    # auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere; bf16: also on CPU
+    # (about 2x faster where the CPU has AVX512-BF16/AMX, see BENCHMARKS.md); fp32: never
+    precision: str = "auto"
     threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
     sim_workers: int = 1  # Ray actors in the simulation; each holds one frozen base model
     out: str = "runs/{task}-{method}-a{alpha}-s{seed}"  # run folder; {field} is filled in
@@ -134,6 +137,8 @@ class RunConfig:
                               f"{self.slora_stage1_rounds}")
         if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
             raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"transport-dtype must be fp32, fp16 or bf16, got "
                               f"{self.transport_dtype!r}")

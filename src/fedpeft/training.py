@@ -36,7 +36,8 @@ def batches(rows: Sequence[dict[str, list[int]]], batch_size: int, collate: Coll
 def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], collate: Collate, *,
                 lr: float, epochs: int, batch_size: int, weight_decay: float, max_grad_norm: float,
                 generator: torch.Generator, device: torch.device,
-                after_step: Callable[[], None] | None = None) -> TrainResult:
+                after_step: Callable[[], None] | None = None,
+                precision: str = "auto") -> TrainResult:
     """Train the parameters that require grad on ``rows`` and return what happened.
 
     ``after_step`` runs after every optimizer step (SLoRA's sparse mask re-applies itself there).
@@ -46,7 +47,7 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    autocast = _autocast(device)
+    autocast = _autocast(device, precision)
     model.train()
     start, losses, steps = time.perf_counter(), [], 0
     for _ in range(epochs):
@@ -75,14 +76,15 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
 @torch.no_grad()
 def predict(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], collate: Collate, *,
             batch_size: int, device: torch.device,
-            outputs: Callable[[object, dict[str, torch.Tensor]], list]) -> list:
+            outputs: Callable[[object, dict[str, torch.Tensor]], list],
+            precision: str = "auto") -> list:
     """Run the model over ``rows`` (length-sorted batches) and return ``outputs(out, batch)``'s
     per-row items in the original row order. Label keys are not given to the model."""
     model.eval()
     lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
     order = np.argsort(-lengths, kind="stable")
     results: list = [None] * len(rows)
-    autocast = _autocast(device)
+    autocast = _autocast(device, precision)
     position = 0
     for batch in batches(rows, batch_size, collate, order):
         inputs = {k: v.to(device) for k, v in batch.items()
@@ -95,9 +97,16 @@ def predict(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], collat
     return results
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA devices that support it; a no-op context elsewhere."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+def _autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """bf16 autocast for ``precision="bf16"``, and for ``"auto"`` on CUDA devices that support
+    it; a no-op context otherwise (fp32). Parameters, gradients and optimizer state stay fp32."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("precision=bf16 was asked for but this GPU has no bf16 support; "
+                               "use precision=fp32 or auto")
+        enabled = True
+    else:
+        enabled = precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 

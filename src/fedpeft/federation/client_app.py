@@ -118,7 +118,7 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
             generator=torch.Generator().manual_seed(shuffle_seed), device=runtime.device,
-            after_step=runtime.method.after_step(runtime.model),
+            after_step=runtime.method.after_step(runtime.model), precision=cfg.precision,
         )
     update = runtime.method.export_state(runtime.model)
     if fault and cfg.fail_mode in ("nan", "huge"):

@@ -60,6 +60,7 @@ class ClassificationTask(Task):
                  tokenizer: Any, device: torch.device) -> dict[str, float]:
         preds = predict(model, features.rows, lambda rows: self.collate(rows, tokenizer.pad_token_id),
                         batch_size=self.cfg.eval_batch_size, device=device,
+                        precision=self.cfg.precision,
                         outputs=lambda out, batch: out.logits.argmax(-1).tolist())
         gold = np.array([r["labels"] for r in features.rows])
         pred = np.array(preds)

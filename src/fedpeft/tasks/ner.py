@@ -198,6 +198,7 @@ class NerTask(Task):
                  tokenizer: Any, device: torch.device) -> dict[str, float]:
         preds = predict(model, features.rows, partial(self.collate, pad_id=tokenizer.pad_token_id),
                         batch_size=self.cfg.eval_batch_size, device=device,
+                        precision=self.cfg.precision,
                         outputs=lambda out, batch: out.logits.argmax(-1).tolist())
         names, word_positions = self.label_names, features.extra["word_positions"]
         pred_tags = [[names[row[p]] if p >= 0 else "O" for p in positions]

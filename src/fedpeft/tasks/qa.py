@@ -271,7 +271,8 @@ class QATask(Task):
                      out.end_logits[i, :n].float().cpu().numpy()) for i, n in enumerate(lengths)]
 
         outs = predict(model, features.rows, partial(self.collate, pad_id=tokenizer.pad_token_id),
-                       batch_size=self.cfg.eval_batch_size, device=device, outputs=logits)
+                       batch_size=self.cfg.eval_batch_size, device=device,
+                       precision=self.cfg.precision, outputs=logits)
         answers = best_answers([e["context"] for e in examples], features.example_index,
                                features.extra["offsets"], [o[0] for o in outs],
                                [o[1] for o in outs], self.cfg.n_best, self.cfg.max_answer_length)
