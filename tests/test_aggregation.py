@@ -62,3 +62,23 @@ def test_exact_lora_is_the_rank_r_truncation_of_the_mean_product():
                            2.0 * np.diag([0.75, 0.25, 0.0]))
     assert errors["l"] == pytest.approx(0.25 / np.sqrt(0.75**2 + 0.25**2), rel=1e-6)
     assert out["classifier.weight"][0] == pytest.approx(0.25)
+
+
+def test_running_mean_equals_fedavg_and_checks_each_update():
+    from fedpeft.federation.aggregation import WeightedMean
+
+    rng = np.random.default_rng(0)
+    states = [{"x": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=2)}
+              for _ in range(4)]
+    mean = WeightedMean()
+    for state, w in zip(states, [3, 1, 0, 2], strict=True):
+        mean.add(state, w)
+    out = mean.result()
+    expected = (3 * states[0]["x"] + states[1]["x"] + 2 * states[3]["x"]) / 6
+    assert out["x"].dtype == np.float32 and np.allclose(out["x"], expected, atol=1e-6)
+    assert out["b"].dtype == np.float64
+    with pytest.raises(ValueError, match="keys that differ"):
+        mean.add({"x": states[0]["x"]}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        mean.add({"x": states[0]["x"], "b": np.zeros(3)}, 1)
+    assert np.array_equal(mean.result()["x"], out["x"])  # a rejected update changed nothing

@@ -89,9 +89,8 @@ class RunConfig:
     fail_mode: str = "raise"  # TESTING AID: raise | hang (past round-timeout) | nan | huge
     # --- runtime -----------------------------------------------------------------------------
     device: str = "cpu"  # cpu | cuda | auto
-    # auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere; bf16: also on CPU
-    # (about 2x faster where the CPU has AVX512-BF16/AMX, see BENCHMARKS.md); fp32: never
-    precision: str = "auto"
+    # bf16 autocast is ~2x faster on CPUs with AVX512-BF16/AMX (BENCHMARKS.md); weights stay fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
     threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
     sim_workers: int = 1  # Ray actors in the simulation; each holds one frozen base model
     out: str = "runs/{task}-{method}-a{alpha}-s{seed}"  # run folder; {field} is filled in

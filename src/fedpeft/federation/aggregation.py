@@ -13,29 +13,49 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.nd
     """Weighted mean of client states, key by key (McMahan et al., 2017).
 
     ``weights`` are the clients' example counts. Every state must have the same keys and shapes;
-    the sum is accumulated in float64 and cast back to each tensor's dtype.
+    the sum is accumulated in float64 and cast back to each tensor's dtype (``WeightedMean``).
     """
     if not states:
         raise ValueError("fedavg needs at least one client state")
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    w = w / w.sum()
-    keys = list(states[0])
-    for i, state in enumerate(states[1:], start=1):
-        if list(state) != keys:
-            raise ValueError(f"client {i} sent keys that differ from client 0's")
-    out = {}
-    for key in keys:
-        acc = np.zeros(states[0][key].shape, dtype=np.float64)
-        for wi, state in zip(w, states, strict=True):
-            if state[key].shape != acc.shape:
-                raise ValueError(f"{key}: shape {state[key].shape} differs from {acc.shape}")
-            acc += wi * state[key].astype(np.float64)
-        out[key] = acc.astype(states[0][key].dtype)
-    return out
+    mean = WeightedMean()
+    for state, weight in zip(states, weights, strict=True):
+        mean.add(state, weight)
+    return mean.result()
+
+
+class WeightedMean:
+    """FedAvg one update at a time: the server adds each client's state as it is read and keeps
+    only the float64 running sums, never all K updates (K x the trainable state in memory)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: State, weight: float) -> None:
+        if not weight >= 0:
+            raise ValueError(f"weights must be non-negative, got {weight}")
+        if self.count and list(state) != list(self.sums):
+            raise ValueError(f"client {self.count} sent keys that differ from client 0's")
+        for key, value in state.items():  # check all before adding any
+            if self.count and value.shape != self.sums[key].shape:
+                raise ValueError(f"{key}: shape {value.shape} differs from "
+                                 f"{self.sums[key].shape}")
+        for key, value in state.items():
+            if not self.count:
+                self.sums[key] = np.zeros(value.shape, dtype=np.float64)
+                self.dtypes[key] = value.dtype
+            self.sums[key] += weight * value.astype(np.float64)
+        self.total += weight
+        self.count += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if not self.total > 0:
+            raise ValueError(f"weights must have a positive sum, got {self.total}")
+        return {k: (v / self.total).astype(self.dtypes[k]) for k, v in self.sums.items()}
 
 
 def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:

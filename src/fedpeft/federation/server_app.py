@@ -35,7 +35,7 @@ from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
-from .aggregation import exact_lora_mean, fedavg  # noqa: E402
+from .aggregation import WeightedMean, exact_lora_mean  # noqa: E402
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint  # noqa: E402
 from .exchange import Nodes, discover_nodes, exchange, refresh_nodes  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
@@ -75,6 +75,7 @@ class RoundResult:
     rejected: list[Record] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    mean: WeightedMean | None = None  # FedAvg of ``updates``, summed as they were read
 
 
 def prepare(cfg: RunConfig) -> Runtime:
@@ -169,7 +170,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         t_train = time.perf_counter()
         extra: Record = {}
         if result.updates:
-            aggregate, extra = aggregate_updates(cfg, result.updates)
+            aggregate, extra = aggregate_updates(cfg, result)
             problem = check_finite(aggregate)
             if problem is None:
                 global_state = aggregate
@@ -251,6 +252,7 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
         sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
                                                         replace=False))
         result.clients, result.attempts, result.updates = sampled, attempt + 1, []
+        result.mean = WeightedMean() if cfg.aggregation == "fedavg" else None
         messages, targets = [], []
         for pid in sampled:
             node = nodes.node(pid)
@@ -271,8 +273,8 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
         for i in unanswered:
             result.failures.append({"client": targets[i], "attempt": attempt, "reason":
                                     f"no reply within round-timeout={cfg.round_timeout:g} s"})
-        for i, reply in sorted(replies.items()):
-            pid = targets[i]
+        for i in sorted(replies):  # partition order: the same sums in every run
+            reply, pid = replies.pop(i), targets[i]  # each reply is dropped once read
             if reply.has_error():
                 result.failures.append({"client": pid, "attempt": attempt,
                                         "reason": reply.error.reason})
@@ -284,8 +286,11 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             update, reason = read_update(reply, pid, global_state, sizes[pid], cfg)
             if update is None:
                 result.rejected.append({"client": pid, "attempt": attempt, "reason": reason})
-            else:
-                result.updates.append(update)
+                continue
+            if result.mean is not None:  # FedAvg: add it now, keep only the running sums
+                result.mean.add(update.state, update.weight)
+                update.state = {}
+            result.updates.append(update)
         if len(result.updates) >= cfg.min_train_clients:
             return result
     result.updates = []  # too few valid updates in every attempt: the round is skipped
@@ -312,17 +317,17 @@ def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size
     return Update(pid, ordered_like(state, reference), weight, loss, seconds, handler), ""
 
 
-def aggregate_updates(cfg: RunConfig, updates: list[Update]
-                      ) -> tuple[dict[str, np.ndarray], Record]:
-    """FedAvg (or the exact LoRA mean) of the updates, in partition order (reproducible sums)."""
-    updates = sorted(updates, key=lambda u: u.client)
+def aggregate_updates(cfg: RunConfig, result: RoundResult) -> tuple[dict[str, np.ndarray], Record]:
+    """FedAvg (summed while the updates were read) or the exact LoRA mean of the updates, in
+    partition order (reproducible sums)."""
+    if result.mean is not None:
+        return result.mean.result(), {}
+    updates = sorted(result.updates, key=lambda u: u.client)
     states, weights = [u.state for u in updates], [u.weight for u in updates]
-    if cfg.aggregation == "exact-lora":
-        state, errors = exact_lora_mean(states, weights, cfg.lora_alpha / cfg.lora_rank,
-                                        cfg.lora_rank)
-        mean_error = float(np.mean(list(errors.values()))) if errors else 0.0
-        return state, {"lora-truncation-error": mean_error}
-    return fedavg(states, weights), {}
+    state, errors = exact_lora_mean(states, weights, cfg.lora_alpha / cfg.lora_rank,
+                                    cfg.lora_rank)
+    mean_error = float(np.mean(list(errors.values()))) if errors else 0.0
+    return state, {"lora-truncation-error": mean_error}
 
 
 def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],
