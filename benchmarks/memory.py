@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="fedlr,federa,fedft")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):
@@ -73,7 +74,8 @@ def main() -> None:
                 peak, seconds = peak_rss([
                     f"method={method}", f"num-clients={clients}",
                     f"clients-per-round={per_round}", "rounds=2", "max-train-samples=800",
-                    "max-test-samples=64", "progress=false", f"out={tmp}/run"])
+                    "max-test-samples=64", "progress=false", f"threads={args.threads}",
+                    f"out={tmp}/run"])
             row[f"peak-rss-mb-{clients}-clients"] = peak / 2**20
             row[f"seconds-{clients}-clients"] = seconds
         row["ratio"] = row["peak-rss-mb-100-clients"] / row["peak-rss-mb-1-clients"]
