@@ -1,0 +1,75 @@
+"""Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
+typed by hand): ``.venv/bin/python benchmarks/tables.py [throughput|memory|precision|REPORT]``.
+
+``REPORT`` is a path to a ``fedpeft report`` REPORT.md: its first table (the per-method table),
+or the first after a line containing a second argument, is printed as is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def throughput() -> list[str]:
+    lines = ["| task:L | method | bare samples/s | local_train | federated | ratio | round seconds |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for name in ("throughput-main.json", "throughput-fedft-semeval-5rounds.json"):
+        for r in json.loads((RESULTS / name).read_text()):
+            label = r["method"] + (f" ({len(r['round-seconds'])} rounds)" if "5rounds" in name
+                                   else "")
+            lines.append(f"| {r['task']}:{r['max-length']} | {label} | "
+                         f"{r['bare-samples-per-s']:.1f} | {r['local-train-samples-per-s']:.1f} | "
+                         f"{r['federated-samples-per-s']:.1f} | {r['ratio']:.2f} | "
+                         + ", ".join(f"{s:.1f}" for s in r["round-seconds"]) + " |")
+    return lines
+
+
+def memory(name: str = "memory.json") -> list[str]:
+    lines = []
+    for r in json.loads((RESULTS / name).read_text()):
+        lines.append(f"| {r['method']} | {r['peak-rss-mb-1-clients']:,.0f} | "
+                     f"{r['peak-rss-mb-100-clients']:,.0f} | {r['ratio']:.2f} |")
+    return lines
+
+
+def precision() -> list[str]:
+    lines = ["| task:L | method | threads | fp32 samples/s | bf16 samples/s | speed-up |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in json.loads((RESULTS / "precision.json").read_text()):
+        lines.append(f"| {r['task']}:{r['max-length']} | {r['method']} | {r['threads']} | "
+                     f"{r['fp32-samples-per-s']:.1f} | {r['bf16-samples-per-s']:.1f} | "
+                     f"{r['speed-up']:.2f} |")
+    return lines
+
+
+def report_table(path: Path, heading: str = "") -> list[str]:
+    """The first table of ``path`` after the first line containing ``heading``."""
+    lines, started, found = [], False, not heading
+    for line in path.read_text().splitlines():
+        found = found or heading in line
+        if found and line.startswith("|"):
+            started = True
+            lines.append(line)
+        elif started:
+            break
+    return lines
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else "throughput"
+    tables = {"throughput": throughput, "precision": precision}
+    if what in tables:
+        out = tables[what]()
+    elif what.startswith("memory"):
+        out = memory(*(sys.argv[2:3]))
+    else:
+        out = report_table(Path(what), *(sys.argv[2:3]))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
