@@ -157,3 +157,31 @@ def test_encoded_transport_and_exact_lora_pass_validation(tiny_models, tmp_path,
     else:  # fewer bytes than the same two float32 states would take
         fp32 = to_record(load_state(cfg.run_dir() / "final_state.safetensors")).count_bytes()
         assert rounds[1]["bytes-up"] < 0.7 * 2 * fp32
+
+
+def test_global_state_is_the_fedavg_of_what_the_clients_sent(tiny_models, tmp_path,
+                                                             flower_identity):  # noqa: F811
+    # The server sums each update as it reads it (WeightedMean) and keeps none of them; the
+    # result must be FedAvg of the replies, weighted by their example counts.
+    from fedpeft.federation.aggregation import fedavg
+
+    sent = {}
+
+    def record(pid, content):
+        sent[pid] = ({k: v.numpy() for k, v in content["arrays"].items()},
+                     float(content["metrics"]["num-examples"]))
+        return content
+
+    cfg = tiny_config(tiny_models("bert"), str(tmp_path / "run"), "rounds=1", "num-clients=4",
+                      "clients-per-round=4", "max-train-samples=66")  # shards of 17 and 16
+    grid = InProcessGrid(cfg.num_clients)
+    grid.tamper = record
+    run_inprocess(cfg, grid)
+    assert len(sent) == 4 and len({w for _, w in sent.values()}) > 1  # unequal weights
+    expected = fedavg([s for s, _ in sent.values()], [w for _, w in sent.values()])
+    final = load_state(cfg.run_dir() / "final_state.safetensors")
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_allclose(final[key], value, rtol=1e-6, atol=1e-7)
+    unweighted = fedavg([s for s, _ in sent.values()], [1.0] * len(sent))
+    assert any(not np.allclose(final[k], unweighted[k], rtol=1e-6, atol=1e-7) for k in final)
