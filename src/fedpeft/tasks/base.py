@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,6 +257,17 @@ class InvalidRecords:
                             "(fix them, or pass skip-invalid=true to skip and count them)",
                             self.found[0][0])
         return len(self.found)
+
+    def finish(self, records: list[Any], what: str) -> list[Any]:
+        """``check``, warn how many ``what`` records were skipped, and return ``records``;
+        a ``DataError`` if none is left."""
+        skipped = self.check()
+        if skipped:
+            warnings.warn(f"{self.path}: skipped {skipped} invalid {what}(s) "
+                          "(skip-invalid=true)", stacklevel=3)
+        if not records:
+            raise DataError(self.path, f"no {what}s found")
+        return records
 
 
 def per_source_f1(examples: list[dict[str, Any]], left: list[Any], right: list[Any],

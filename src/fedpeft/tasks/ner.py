@@ -21,7 +21,6 @@ into "other".
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
@@ -105,13 +104,7 @@ def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1,
         tokens.append(token)
         tags.append(tag)
     close()
-    skipped = problems.check()
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} invalid sentence(s) (skip-invalid=true)",
-                      stacklevel=2)
-    if not sentences:
-        raise DataError(path, "no sentences found")
-    return sentences
+    return problems.finish(sentences, "sentence")
 
 
 def entity_types(tags: Sequence[str]) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import string
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
@@ -81,13 +80,7 @@ def read_squad(path: str | Path, source: str = "squad", skip_invalid: bool = Fal
                 questions.append({"id": str(qa["id"]), "question": qa["question"].strip(),
                                   "context": context, "answers": qa["answers"], "title": title,
                                   "source": source})
-    skipped = problems.check()
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} invalid question(s) (skip-invalid=true)",
-                      stacklevel=2)
-    if not questions:
-        raise DataError(path, "no questions found")
-    return questions
+    return problems.finish(questions, "question")
 
 
 def _question_problem(qa: Any, context: str) -> str | None:
