@@ -1,7 +1,9 @@
-"""Shared steps of the per-task tests: one local round of a method, and a short federated run."""
+"""Shared test steps: one local round of a method, a short federated run, and which processes
+of a process group are still alive."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,3 +37,16 @@ def two_round_simulation(overrides: list[str]) -> tuple[dict[str, Any], list[dic
     for r in rounds:
         assert r["successes"] == 2 and np.isfinite(r["train-loss"])
     return summary, rounds
+
+
+def alive_in_groups(pgids: set[int] | list[int]) -> list[int]:
+    """Pids of live (non-zombie) processes whose process group is in ``pgids`` (Linux /proc)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in pgids and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
+from scaffold import alive_in_groups
 
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.federation.checkpoint import (
@@ -130,18 +130,10 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
 
 
 def _wait_group_gone(pgid, timeout=20.0):
-    """Whether every live (non-zombie) process of process group ``pgid`` is gone (Linux /proc)."""
+    """Whether every live (non-zombie) process of process group ``pgid`` is gone."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(stat.parent.name)
-        if not alive:
+        if not alive_in_groups({pgid}):
             return True
         time.sleep(0.2)
     return False

@@ -15,6 +15,7 @@ import pytest
 
 from fedpeft.federation.deploy import read_run_config
 from fedpeft.runlog import load_state, read_rounds
+from scaffold import alive_in_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,18 +51,6 @@ def _kill_groups(pids):
             pass
 
 
-def _alive_groups(pids):
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) in pids and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 @pytest.mark.slow
 def test_two_supernodes_on_loopback_run_two_rounds(tiny_models, tmp_path):
     work, out = tmp_path / "deploy", tmp_path / "deploy" / "run"
@@ -87,9 +76,9 @@ def test_two_supernodes_on_loopback_run_two_rounds(tiny_models, tmp_path):
             proc.wait(timeout=30)
     seconds = time.monotonic() - started
     deadline = time.monotonic() + 20
-    while _alive_groups(groups) and time.monotonic() < deadline:
+    while alive_in_groups(groups) and time.monotonic() < deadline:
         time.sleep(0.2)
-    leftover = _alive_groups(groups)
+    leftover = alive_in_groups(groups)
     _kill_groups(groups)
     assert not leftover, f"processes left running: {leftover}"
     assert proc.returncode == 0, output[-3000:]
