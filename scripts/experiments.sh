@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | later; runs in the foreground
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later; runs in the foreground
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
@@ -42,9 +42,15 @@ case "${1:-}" in
     compare semeval-a1 "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-a1 \
       --methods fedbf,fedap,slora,fedft
     ;;
+  grid)  # issue 8 run 1's learning rates: FeDeRA and FedLR, each rate on a validation split
+    compare semeval-lr "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-a1-lr \
+      --methods federa,fedlr --lr-grid federa=1e-3,2e-3,5e-3 --lr-grid fedlr=2e-3,1e-3,5e-3
+    ;;
   later)  # issue 8 runs 2-5
     compare semeval-alpha "${SEMEVAL[@]}" rounds=100 --root runs/exp/semeval-alpha \
-      --methods fedlr,federa --sweep alpha=0.1,0.5,10
+      --methods federa,fedlr --sweep alpha=0.1
+    compare semeval-alpha "${SEMEVAL[@]}" rounds=100 --root runs/exp/semeval-alpha \
+      --methods federa,fedlr --sweep alpha=0.5,10
     compare 20news task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 \
       rounds=100 --root runs/exp/20news-a0.1 --methods federa,fedlr,fedft
     for rank in 4 8 16 64; do  # FedLR's alpha = r at every rank (scaling 1)
@@ -60,7 +66,7 @@ case "${1:-}" in
       --methods fedlr,federa
     ;;
   *)
-    echo "usage: $0 main|later" >&2
+    echo "usage: $0 main|grid|later" >&2
     exit 2
     ;;
 esac

@@ -33,6 +33,8 @@ report() {  # report OUT RUN_DIR... [options]: only run folders that exist
 
 # Issue 8, run 1: SemEval, 100 clients, 10 per round, Dir(1), 100 rounds
 report docs/results/semeval-a1 results/runs/semeval-a1 --rounds 10,20,50,100
+# Run 1's learning-rate grid for FeDeRA and FedLR (chosen on a validation split)
+report docs/results/semeval-a1-lr results/runs/semeval-a1-lr --rounds 10,20,50,100
 # Heterogeneity sweep (FedLR vs FeDeRA at several Dir(alpha))
 report docs/results/semeval-alpha results/runs/semeval-alpha results/runs/semeval-a1/fedlr-s0 \
   results/runs/semeval-a1/federa-s0
