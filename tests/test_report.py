@@ -1,5 +1,6 @@
 """`fedpeft report` on synthetic run folders: seed groups, mean ± std, time to target by hand,
-and a smoke test that the markdown and the plots are written."""
+and a smoke test that the markdown and the plots are written; and every committed report is
+regenerated from the committed run logs."""
 
 import json
 from pathlib import Path
@@ -84,8 +85,15 @@ def test_settings_that_differ_split_groups_and_name_them(tmp_path):
 
 
 def test_learning_rate_chosen_on_validation_not_test(tmp_path):
-    make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3, valid={4: 0.4}, **{"valid-fraction": 0.1})
-    make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3, valid={4: 0.6}, **{"valid-fraction": 0.1})
+    make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3, valid={4: 0.4}, summary={},
+             **{"valid-fraction": 0.1})
+    lr2 = make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3, valid={4: 0.6},
+                   **{"valid-fraction": 0.1})
+    # lr2 has not finished: no choice yet, both rates side by side.
+    assert len(group_runs(find_runs([tmp_path]))) == 2
+    lr2.joinpath("summary.json").write_text(json.dumps(
+        {"task": "semeval", "method": "fedlr", "metric": "accuracy", "rounds": 4, "lr": 2e-3,
+         "trainable-params": 1234}))
     (group,) = group_runs(find_runs([tmp_path]))
     assert group.settings["lr"] == 2e-3 and group.lr_note == "chosen on valid-accuracy from 2"
     assert "| fedlr | 0.002 (chosen on valid-accuracy from 2) |" in results_table(
@@ -195,6 +203,13 @@ def test_report_writes_markdown_and_plots(tmp_path):
     assert text.count("| semeval | fedlr |") == 2 and "runs/fedlr-s1" in text
 
 
+def test_report_before_any_evaluation(tmp_path):
+    make_run(tmp_path / "runs", "fedlr-s0", "fedlr", {}, rounds=3)
+    text = build_report([tmp_path / "runs"]).read_text()
+    assert "No run has evaluated accuracy yet" in text
+    assert "Target accuracy = 0.2500" in build_report([tmp_path / "runs"], target=0.25).read_text()
+
+
 def test_report_default_output_beside_the_runs_and_errors(tmp_path):
     make_run(tmp_path / "runs", "only", "fedlr", {4: 0.5})
     assert build_report([tmp_path / "runs"]) == tmp_path / "runs" / "report" / "REPORT.md"
@@ -229,3 +244,24 @@ def test_up_to_compares_runs_of_different_lengths_at_equal_rounds(tmp_path):
     assert "| federa aggregation=exact-lora | 0.001 |" in text and "0.9000" not in text
     with pytest.raises(ValueError, match="up-to"):
         build_report([tmp_path], out=tmp_path / "out", up_to=0)
+
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = sorted([*REPO.glob("docs/results/*/REPORT.md"),
+                    *REPO.glob("benchmarks/results/*/REPORT.md")])
+
+
+@pytest.mark.parametrize("report", COMMITTED, ids=lambda p: str(p.parent.relative_to(REPO)))
+def test_committed_reports_regenerate_from_committed_logs(report, tmp_path, monkeypatch):
+    """Every published REPORT.md is what its own command prints today from the run logs in the
+    repository: the logs it reads are committed and nothing in it was typed by hand."""
+    import shlex
+
+    first = next(line for line in report.read_text().splitlines() if line.startswith("Generated"))
+    args = shlex.split(first.split("`")[1])[1:]  # without the leading `fedpeft`
+    out = args[args.index("--out") + 1]
+    args[args.index("--out") + 1] = str(tmp_path)
+    monkeypatch.chdir(REPO)
+    assert main(args) == 0
+    fresh = (tmp_path / "REPORT.md").read_text().replace(str(tmp_path), out)
+    assert fresh == report.read_text()

@@ -160,7 +160,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
 
 def _choose_learning_rates(groups: list[Group]) -> list[Group]:
     """Among groups that differ only in ``lr``, keep the best final ``valid-<metric>`` (mean
-    over seeds) when every run has one; otherwise keep them all."""
+    over seeds) once every run has finished with one; until then keep them all."""
     families: dict[tuple, list[Group]] = {}
     for g in groups:
         families.setdefault(tuple(kv for kv in g.key if kv[0] != "lr"), []).append(g)
@@ -168,7 +168,8 @@ def _choose_learning_rates(groups: list[Group]) -> list[Group]:
     for family in families.values():
         metric = family[0].runs[0].metric()
         scores = [[r.final(f"valid-{metric}") for r in g.runs] for g in family]
-        if len(family) == 1 or any(s is None for ss in scores for s in ss):
+        unfinished = any(r.summary is None for g in family for r in g.runs)
+        if len(family) == 1 or unfinished or any(s is None for ss in scores for s in ss):
             kept.extend(family)
             continue
         best = max(range(len(family)), key=lambda i: float(np.mean(scores[i])))
@@ -276,21 +277,25 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
             file = f"{prefix}{metric}-vs-{name}.png"
             plot_metric(groups, metric, folder / file, x=x, title=f"{task}: {metric} vs {name}")
             lines += [f"![{metric} vs {name}]({file})", ""]
-    if target is None:
-        goal, holder = tables.choose_target(groups, metric)
-        origin = f"the best mean final {metric} among these runs, reached by {holder}"
-    else:
+    goal: float | None = None
+    if target is not None:
         goal, origin = float(target), "given with --target"
-    lines += [f"## {task}: time to target (FeDeRA Table 5)", "",
-              f"Target {metric} = {goal:.4f} ({origin}). Rounds and modelled wall time until the "
-              "first evaluation at or above 90/95/99% of it; `-`: never reached, `(k/n)`: "
-              "reached by k of n seeds (mean over those). Modelled time = one-off + per round "
-              "(slowest client's measured local training + one client's bytes down and up at "
-              f"{bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for FeDeRA/SLoRA "
-              "(`seconds-svd` of the summary; runs older than that field: `(setup)` = FeDeRA's "
-              "whole server set-up, `(aggregate)` = SLoRA's slowest aggregation, upper "
-              "bounds).", "",
-              tables.time_to_target_table(groups, metric, goal, bandwidth_mbit), ""]
+    elif (chosen := tables.choose_target(groups, metric)) is not None:
+        goal, origin = chosen[0], f"the best mean final {metric} among these runs, reached by " \
+            f"{chosen[1]}"
+    lines += [f"## {task}: time to target (FeDeRA Table 5)", ""]
+    if goal is None:
+        lines += [f"No run has evaluated {metric} yet; give a target with `--target`.", ""]
+    else:
+        lines += [f"Target {metric} = {goal:.4f} ({origin}). Rounds and modelled wall time until "
+                  "the first evaluation at or above 90/95/99% of it; `-`: never reached, `(k/n)`: "
+                  "reached by k of n seeds (mean over those). Modelled time = one-off + per round "
+                  "(slowest client's measured local training + one client's bytes down and up at "
+                  f"{bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for FeDeRA/SLoRA "
+                  "(`seconds-svd` of the summary; runs older than that field: `(setup)` = "
+                  "FeDeRA's whole server set-up, `(aggregate)` = SLoRA's slowest aggregation, "
+                  "upper bounds).", "",
+                  tables.time_to_target_table(groups, metric, goal, bandwidth_mbit), ""]
     timing = tables.round_time_table(groups)
     if timing.count("\n") > 1:
         lines += [f"## {task}: where a round's time goes", "",

@@ -88,12 +88,13 @@ def time_to_target(run: Run, metric: str, threshold: float,
     return None
 
 
-def choose_target(groups: Sequence[Group], metric: str) -> tuple[float, str]:
-    """The best mean final metric among the groups, and the label of the group holding it."""
+def choose_target(groups: Sequence[Group], metric: str) -> tuple[float, str] | None:
+    """The best mean final metric among the groups, and the label of the group holding it;
+    None while no run has evaluated the metric."""
     finals = [(fin, g.label) for g in groups
               if None not in (fin := [r.final(metric) for r in g.runs])]
     if not finals:
-        raise ValueError(f"no run has evaluated {metric!r}; pass --target")
+        return None
     best = max(finals, key=lambda f: float(np.mean(f[0])))  # type: ignore[arg-type]
     return float(np.mean(best[0])), best[1]  # type: ignore[arg-type]
 
