@@ -79,3 +79,28 @@ def test_interrupted_and_extended_runs_resume_from_their_checkpoint(tmp_path):
     assert [c[1] if isinstance(c, tuple) else False for c in calls] == [True, False]
     assert "resuming after round 3" in lines[0]
     assert len(run_jobs(jobs, simulate, log=lambda _: None)) == 2 and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_lr_grid_end_to_end_chooses_on_the_logged_validation_metric(tiny_models, tmp_path, capsys):
+    """Real federated runs: each rate's server evaluates the carved validation split next to
+    the test set, and the rate kept is the one with the best final validation metric."""
+    from fedpeft.cli import main
+    from fedpeft.report import build_report
+    from fedpeft.runlog import read_rounds
+
+    root = tmp_path / "grid"
+    assert main(["compare", f"model={tiny_models('bert')}", "task=semeval", "lora-rank=4",
+                 "max-train-samples=160", "max-test-samples=32", "num-clients=4",
+                 "clients-per-round=2", "rounds=2", "batch-size=8", "progress=false",
+                 "--methods", "fedlr", "--lr-grid", "fedlr=1e-3,5e-3", "--root", str(root)]) == 0
+    valid = {}
+    for lr in ("1e-3", "5e-3"):
+        (last,) = [r for r in read_rounds(root / f"fedlr-s0-lr{lr}") if r["round"] == 2]
+        assert {"accuracy", "valid-accuracy", "valid-macro-f1"} <= last["metrics"].keys()
+        valid[float(lr)] = last["metrics"]["valid-accuracy"]
+    chosen = max(valid, key=valid.get)  # ties: the first rate of the grid, as max() keeps it
+    table = capsys.readouterr().out
+    assert "chosen lr (valid)" in table and f"| {chosen:g} |" in table
+    report = build_report([root], out=tmp_path / "report").read_text()
+    assert f"| fedlr | {chosen:g} (chosen on valid-accuracy from 2) |" in report

@@ -185,6 +185,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         metrics_eval: dict[str, float] = {}
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
             metrics_eval = runtime.evaluate("test")
+            if cfg.valid_fraction > 0:  # the split learning rates are chosen on
+                metrics_eval.update({f"valid-{k}": v
+                                     for k, v in runtime.evaluate("valid").items()})
         t_end = time.perf_counter()
         drifted = drift.observe(global_state)
         weights = [u.weight for u in result.updates]
