@@ -87,7 +87,10 @@ def plot_metric(groups: Sequence[Group], metric: str, path: Path, x: str = "roun
     ax.set_ylabel(f"test {metric}")
     ax.set_title(title or f"{metric} vs {'communication' if x == 'bytes' else 'round'}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if spans:
+        ax.legend(fontsize=8)
+    else:  # no evaluation logged yet
+        ax.text(0.5, 0.5, f"no {metric} evaluated yet", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
