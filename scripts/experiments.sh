@@ -44,7 +44,7 @@ case "${1:-}" in
     ;;
   grid)  # issue 8 run 1's learning rates: FeDeRA and FedLR, each rate on a validation split
     compare semeval-lr "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-a1-lr \
-      --methods federa,fedlr --lr-grid federa=1e-3,2e-3,5e-3,1e-2 --lr-grid fedlr=2e-3,1e-3,5e-3
+      --methods federa,fedlr --lr-grid federa=1e-3,2e-3,5e-3,1e-2 --lr-grid fedlr=2e-3,1e-3,5e-3,1e-2
     ;;
   later)  # issue 8 runs 2-5
     compare semeval-alpha "${SEMEVAL[@]}" rounds=100 --root runs/exp/semeval-alpha \
