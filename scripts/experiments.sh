@@ -44,17 +44,21 @@ case "${1:-}" in
     ;;
   grid)  # issue 8 run 1's learning rates: FeDeRA and FedLR, each rate on a validation split
     compare semeval-lr "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-a1-lr \
-      --methods federa,fedlr --lr-grid federa=1e-3,2e-3,5e-3,1e-2 --lr-grid fedlr=2e-3,1e-3,5e-3,1e-2
+      --methods federa,fedlr --lr-grid federa=1e-3,2e-3,5e-3,1e-2 \
+      --lr-grid fedlr=2e-3,1e-3,5e-3,1e-2
     ;;
   later)  # issue 8 runs 2-5
-    compare semeval-alpha "${SEMEVAL[@]}" rounds=100 --root runs/exp/semeval-alpha \
+    # FedLR and FeDeRA on SemEval at the rate run 1's grid chose for both (5e-3), on the grid's
+    # data (valid-fraction 0.1): the grid's 5e-3 runs are the sweeps' alpha=1 / rank 32 points.
+    TUNED=(lr=5e-3 valid-fraction=0.1)
+    compare semeval-alpha "${SEMEVAL[@]}" "${TUNED[@]}" rounds=100 --root runs/exp/semeval-alpha \
       --methods federa,fedlr --sweep alpha=0.1
-    compare semeval-alpha "${SEMEVAL[@]}" rounds=100 --root runs/exp/semeval-alpha \
+    compare semeval-alpha "${SEMEVAL[@]}" "${TUNED[@]}" rounds=100 --root runs/exp/semeval-alpha \
       --methods federa,fedlr --sweep alpha=0.5,10
     compare 20news task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 \
       rounds=100 --root runs/exp/20news-a0.1 --methods federa,fedlr,fedft
     for rank in 4 8 16 64; do  # FedLR's alpha = r at every rank (scaling 1)
-      compare semeval-rank "${SEMEVAL[@]}" alpha=1 rounds=100 "lora-rank=$rank" \
+      compare semeval-rank "${SEMEVAL[@]}" "${TUNED[@]}" alpha=1 rounds=100 "lora-rank=$rank" \
         "lora-alpha=$rank" --root "runs/exp/semeval-rank/r$rank" --methods fedlr,federa
     done
     compare semeval-adapter "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-adapter \

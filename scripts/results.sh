@@ -19,9 +19,10 @@ if [ -d runs/exp ]; then
   done
 fi
 
-report() {  # report OUT RUN_DIR... [options]: only run folders that exist
-  local out=$1
+report() {  # report OUT RUN_DIR... [options]: once the first (the experiment's own) exists;
+  local out=$1  # of the others, only those that exist
   shift
+  if [ ! -e "$1" ]; then return 0; fi
   local dirs=() opts=()
   for arg in "$@"; do
     if [[ $arg == --* || ${#opts[@]} -gt 0 ]]; then opts+=("$arg")
@@ -36,10 +37,12 @@ report docs/results/semeval-a1 results/runs/semeval-a1 --rounds 10,20,50,100
 # Run 1's learning-rate grid for FeDeRA and FedLR (chosen on a validation split)
 report docs/results/semeval-a1-lr results/runs/semeval-a1-lr --rounds 10,20,50,100
 # Heterogeneity sweep (FedLR vs FeDeRA at several Dir(alpha))
-report docs/results/semeval-alpha results/runs/semeval-alpha results/runs/semeval-a1/fedlr-s0 \
-  results/runs/semeval-a1/federa-s0
+report docs/results/semeval-alpha results/runs/semeval-alpha \
+  results/runs/semeval-a1-lr/fedlr-s0-lr5e-3 results/runs/semeval-a1-lr/federa-s0-lr5e-3
 # Rank / adapter budget sweeps
-report docs/results/semeval-budget results/runs/semeval-rank results/runs/semeval-adapter
+report docs/results/semeval-budget results/runs/semeval-rank \
+  results/runs/semeval-a1-lr/fedlr-s0-lr5e-3 results/runs/semeval-a1-lr/federa-s0-lr5e-3
+report docs/results/semeval-adapter results/runs/semeval-adapter results/runs/semeval-a1/fedap-s0
 report docs/results/20news-a0.1 results/runs/20news-a0.1
 report docs/results/wnut17-a1 results/runs/wnut17-a1
 report docs/results/squad-a1 results/runs/squad-a1
