@@ -82,6 +82,15 @@ class Task(ABC):
     def _load(self, split: str) -> list[dict[str, Any]]:
         """Read the raw examples of ``split`` ("train" or "test")."""
 
+    def user_file(self, split: str) -> str:
+        """The user's file behind ``split`` for the ``*-files`` tasks: ``test-file`` for the test
+        split, else ``train-file`` (the validation split is carved from it)."""
+        key = "test" if split == "test" else "train"
+        path = self.cfg.test_file if key == "test" else self.cfg.train_file
+        if not path:
+            raise DataError(f"{key}-file", f"task={self.name} needs {key}-file=PATH")
+        return str(path)
+
     def all_examples(self, split: str) -> list[dict[str, Any]]:
         """Every example of a split, loaded once (label vocabularies are built from these)."""
         if split not in self._all:

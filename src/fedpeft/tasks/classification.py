@@ -180,13 +180,11 @@ class TextFiles(ClassificationTask):
         return sorted({e["label"] for e in self.all_examples("train")})
 
     def _load(self, split: str) -> list[dict[str, Any]]:
-        path = self.cfg.train_file if split != "test" else self.cfg.test_file
-        if not path:
-            raise DataError(f"{split}-file", f"task={self.name} needs {split}-file=PATH")
+        path = self.user_file(split)
         return read_text_file(path, self.cfg.text_column, self.cfg.label_column)
 
     def _source(self, split: str) -> str:
-        return str(self.cfg.train_file if split != "test" else self.cfg.test_file)
+        return self.user_file(split)
 
 
 def read_text_file(path: str | Path, text_column: str, label_column: str) -> list[dict[str, Any]]:

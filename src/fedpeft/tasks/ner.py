@@ -258,12 +258,10 @@ class ConllFiles(NerTask):
     name = "conll-files"
 
     def _load(self, split: str) -> list[dict[str, Any]]:
-        path = self.cfg.train_file if split != "test" else self.cfg.test_file
-        if not path:
-            raise DataError(f"{split}-file", f"task={self.name} needs {split}-file=PATH")
+        path = self.user_file(split)
         sentences = read_conll(path, self.cfg.token_column, self.cfg.tag_column,
                                self.cfg.skip_invalid)
         return [s | {"source": "conll-files"} for s in sentences]
 
     def _source(self, split: str) -> str:
-        return str(self.cfg.train_file if split != "test" else self.cfg.test_file)
+        return self.user_file(split)

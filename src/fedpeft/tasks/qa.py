@@ -328,7 +328,5 @@ class SquadFiles(QATask):
     name = "squad-files"
 
     def _load(self, split: str) -> list[dict[str, Any]]:
-        path = self.cfg.train_file if split != "test" else self.cfg.test_file
-        if not path:
-            raise DataError(f"{split}-file", f"task={self.name} needs {split}-file=PATH")
+        path = self.user_file(split)
         return read_squad(path, "squad-files", self.cfg.skip_invalid)
