@@ -55,12 +55,12 @@ case "${1:-}" in
       --methods federa,fedlr --sweep alpha=0.1
     compare semeval-alpha "${SEMEVAL[@]}" "${TUNED[@]}" rounds=100 --root runs/exp/semeval-alpha \
       --methods federa,fedlr --sweep alpha=0.5,10
-    compare 20news task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 \
-      rounds=100 --root runs/exp/20news-a0.1 --methods federa,fedlr,fedft
-    for rank in 4 8 16 64; do  # FedLR's alpha = r at every rank (scaling 1)
+    for rank in 4 64 8 16; do  # the ends first; FedLR's alpha = r at every rank (scaling 1)
       compare semeval-rank "${SEMEVAL[@]}" "${TUNED[@]}" alpha=1 rounds=100 "lora-rank=$rank" \
         "lora-alpha=$rank" --root "runs/exp/semeval-rank/r$rank" --methods fedlr,federa
     done
+    compare 20news task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 \
+      rounds=100 --root runs/exp/20news-a0.1 --methods federa,fedlr,fedft
     compare semeval-adapter "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-adapter \
       --methods fedap --sweep adapter-reduction=48,24,6  # bottleneck 8, 16, 64 of 384
     compare wnut17 task=wnut17 "${COMMON[@]}" precision=bf16 alpha=1 rounds=100 \

@@ -12,8 +12,8 @@ from fedpeft.cli import main
 from fedpeft.drift import DriftTracker
 from fedpeft.report import build_report, find_runs, group_runs, parse_rounds
 from fedpeft.report_tables import (choose_target, default_rounds, fmt_duration, one_off_seconds,
-                                   results_table, round_time_table, time_to_target,
-                                   time_to_target_table)
+                                   results_table, round_time_table, sweep_table,
+                                   time_to_target, time_to_target_table)
 
 # Per round: 2 clients, each receiving and sending 1.25 MB -> 2.5 MB = 20 Mbit per client,
 # 0.8 s at 25 Mbit/s; the slowest client trains 10 s -> 10.8 s per modelled round.
@@ -265,3 +265,42 @@ def test_committed_reports_regenerate_from_committed_logs(report, tmp_path, monk
     assert main(args) == 0
     fresh = (tmp_path / "REPORT.md").read_text().replace(str(tmp_path), out)
     assert fresh == report.read_text()
+
+
+def test_sweep_pivots_methods_against_the_swept_setting(tmp_path):
+    runs = tmp_path / "runs"
+    for alpha, fedlr, federa in ((10.0, 0.7, 0.8), (0.1, 0.3, 0.5), (1.0, 0.6, 0.75)):
+        make_run(runs, f"fedlr-a{alpha}", "fedlr", {4: fedlr}, alpha=alpha, summary={})
+        make_run(runs, f"federa-a{alpha}", "federa", {4: federa}, alpha=alpha, summary={})
+    make_run(runs, "federa-a0.1-s1", "federa", {4: 0.3}, alpha=0.1, seed=1, summary={})
+    make_run(runs, "fedlr-a0.5", "fedlr", {2: 0.4}, alpha=0.5, rounds=4)  # cut at round 2
+    text = (runs / "fedlr-a0.5" / "rounds.jsonl").read_text().splitlines()
+    (runs / "fedlr-a0.5" / "rounds.jsonl").write_text("\n".join(text[:2]) + "\n")
+    out = tmp_path / "out"
+    report = build_report([runs], out=out).read_text()
+    assert "## semeval: final accuracy vs alpha (FeDeRA Fig. 5)" in report
+    assert "| alpha | fedlr final accuracy | federa final accuracy |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 0.1 |")
+            or line.startswith("| 0.5 |") or line.startswith("| 1 |") or line.startswith("| 10 |")]
+    # Numeric order; federa at 0.1: mean(0.5, 0.3) = 0.4, std sqrt(2 * 0.1^2) = 0.1414.
+    assert rows == ["| 0.1 | 0.3000 | 0.4000 ± 0.1414 |", "| 0.5 | 0.4000 (r 2/4) |  |",
+                    "| 1 | 0.6000 | 0.7500 |", "| 10 | 0.7000 | 0.8000 |"]
+    assert (out / "accuracy-vs-alpha.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](accuracy-vs-alpha.png)" in report
+
+
+def test_budget_sweep_shows_the_trainable_parameters_of_each_setting(tmp_path):
+    for rank, params, accuracy in ((4, 100, 0.5), (32, 800, 0.6)):
+        make_run(tmp_path, f"fedlr-r{rank}", "fedlr", {4: accuracy}, summary={
+            "trainable-params": params}, **{"lora-rank": rank, "lora-alpha": rank})
+    groups = group_runs(find_runs([tmp_path]))
+    table = sweep_table(groups, "accuracy", ["lora-alpha", "lora-rank"])
+    report = build_report([tmp_path], out=tmp_path / "out").read_text()
+    assert "![final accuracy vs lora-alpha, lora-rank](accuracy-vs-lora-alpha-lora-rank.png)" \
+        in report and table in report
+    assert table.splitlines()[0] == ("| lora-alpha | lora-rank | trainable params | "
+                                     "fedlr final accuracy |")
+    assert table.splitlines()[2:] == ["| 4 | 4 | 100 | 0.5000 |", "| 32 | 32 | 800 | 0.6000 |"]
+    # One method, nothing varying: no sweep section.
+    assert "FeDeRA Fig. 6" in report
+    assert "final accuracy vs" not in build_report([tmp_path / "fedlr-r4"]).read_text()

@@ -35,6 +35,7 @@ from .config import RunConfig
 # of one group.
 NOT_RESULTS = {"seed", "out", "device", "threads", "sim-workers", "progress", "data-dir"}
 LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, not in labels
+SWEEP_FIGURES = {"alpha": "Fig. 5", "lora-rank": "Fig. 6", "adapter-reduction": "Fig. 6"}
 PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
 # Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).
 DEFAULTS = {f.name.replace("_", "-"): f.default_factory() if f.default is dataclasses.MISSING
@@ -145,9 +146,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         key = tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
         groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
     kept = _choose_learning_rates(list(groups.values()))
-    varying = sorted({k for g in kept for k, v in g.settings.items()
-                      if k not in LABEL_HIDDEN
-                      and len({_hashable(h.settings.get(k)) for h in kept}) > 1})
+    varying = varying_settings(kept)
     for g in kept:
         g.label = " ".join([g.method, *(f"{k}={_fmt_setting(g.settings[k])}" for k in varying)])
     labels = [g.label for g in kept]
@@ -156,6 +155,13 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
             g.label += f" lr={_fmt_setting(g.settings['lr'])}"
     order = list(dict.fromkeys([*PAPER_ORDER, *(r.method for r in runs)]))
     return sorted(kept, key=lambda g: (order.index(g.method), g.label))
+
+
+def varying_settings(groups: Sequence[Group]) -> list[str]:
+    """The settings (other than method, lr, task, valid-fraction) whose value differs between
+    ``groups``: what a comparison or sweep varies."""
+    return sorted({k for g in groups for k in g.settings if k not in LABEL_HIDDEN
+                   and len({_hashable(h.settings.get(k)) for h in groups}) > 1})
 
 
 def _choose_learning_rates(groups: list[Group]) -> list[Group]:
@@ -277,6 +283,7 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
             file = f"{prefix}{metric}-vs-{name}.png"
             plot_metric(groups, metric, folder / file, x=x, title=f"{task}: {metric} vs {name}")
             lines += [f"![{metric} vs {name}]({file})", ""]
+    lines += _sweep_section(task, groups, metric, folder, prefix, plots)
     goal: float | None = None
     if target is not None:
         goal, origin = float(target), "given with --target"
@@ -321,6 +328,34 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
             plot_drift_layers(drifting, folder / f"{prefix}drift-layers.png")
             lines += [f"![drift per round]({prefix}drift.png)", "",
                       f"![drift per layer]({prefix}drift-layers.png)", ""]
+    return lines
+
+
+def _sweep_section(task: str, groups: list[Group], metric: str, folder: Path, prefix: str,
+                   plots: bool) -> list[str]:
+    """Final metric per method against the settings the groups vary (FeDeRA Fig. 5: alpha;
+    Fig. 6: trainable budget; or any other compared setting); nothing when only the method
+    varies."""
+    from . import report_tables as tables
+
+    swept = varying_settings(groups)
+    if not swept:
+        return []
+    figures = sorted({SWEEP_FIGURES[k] for k in swept if k in SWEEP_FIGURES})
+    lines = [f"## {task}: final {metric} vs {', '.join(swept)}"
+             + (f" (FeDeRA {', '.join(figures)})" if figures else ""), "",
+             f"The final test {metric} of each method (columns) at each value of the swept "
+             "settings (rows), mean ± sample std over seeds; `(r done/planned)` marks a run "
+             "still unfinished. `trainable params` (when it changes with the setting): per "
+             "method, in column order.", "",
+             tables.sweep_table(groups, metric, swept), ""]
+    if plots:
+        from .report_plots import plot_sweep
+
+        file = f"{prefix}{metric}-vs-{'-'.join(swept)}.png"
+        if plot_sweep(groups, metric, swept, folder / file,
+                      title=f"{task}: final {metric} vs {', '.join(swept)}") is not None:
+            lines += [f"![final {metric} vs {', '.join(swept)}]({file})", ""]
     return lines
 
 

@@ -2,6 +2,8 @@
 
 - ``plot_metric``: metric vs round or vs cumulative bytes, one line per group (mean over seeds,
   band = ± one standard deviation when there are several);
+- ``plot_sweep``: final metric per method against a swept setting (FeDeRA paper Fig. 5:
+  alpha) or the trainable parameters it changes (Fig. 6: budget);
 - ``plot_partition``: per-client class distribution (stacked bars) and the pairwise
   Jensen-Shannon divergence heatmap between clients (FeDeRA paper Fig. 7);
 - ``plot_drift`` / ``plot_drift_layers``: magnitude and direction variation of the LoRA factors
@@ -90,6 +92,58 @@ def plot_metric(groups: Sequence[Group], metric: str, path: Path, x: str = "roun
     if spans:
         ax.legend(fontsize=8)
     else:  # no evaluation logged yet
+        ax.text(0.5, 0.5, f"no {metric} evaluated yet", ha="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def plot_sweep(groups: Sequence[Group], metric: str, swept: Sequence[str], path: Path,
+               title: str = "") -> Path | None:
+    """Final metric per method (one line each; error bars = ± one std over seeds; unfinished
+    runs left out) against the trainable parameters when they change along the sweep (FeDeRA
+    Fig. 6), else against the first numeric swept setting (Fig. 5: alpha); log x when the
+    values span more than 20x. None (nothing drawn) when the sweep has no numeric axis."""
+    from .report_tables import mean_std, sweep_rows, trainable_params
+
+    rows = sweep_rows(groups, swept)
+    methods = list(dict.fromkeys(g.method for g in groups))
+    by_params = any(len({trainable_params(g) for g in groups if g.method == m} - {None}) > 1
+                    for m in methods)
+    numeric = [i for i, k in enumerate(swept)
+               if all(isinstance(v[i], int | float) for v, _ in rows)]
+    if not by_params and not numeric:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs_all = []
+    for i, method in enumerate(methods):
+        points = []
+        for values, row in rows:
+            g = row.get(method)
+            if g is None or min(len(r.rounds) for r in g.runs) < int(g.settings.get("rounds", 0)):
+                continue  # not run, or unfinished
+            finals = [r.final(metric) for r in g.runs]
+            position = trainable_params(g) if by_params else values[numeric[0]]
+            if position is None or any(f is None for f in finals):
+                continue
+            mean, std = mean_std([float(f) for f in finals])  # type: ignore[arg-type]
+            points.append((float(position), mean, std or 0.0))
+        if not points:
+            continue
+        points.sort()
+        x, y, err = (np.array(column) for column in zip(*points))
+        ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", markersize=4,
+                    capsize=3, color=f"C{i % 10}", label=method)
+        xs_all.extend(x)
+    positive = [x for x in xs_all if x > 0]
+    if positive and len(positive) == len(xs_all) and max(positive) > 20 * min(positive):
+        ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters" if by_params else swept[numeric[0]])
+    ax.set_ylabel(f"final test {metric}")
+    ax.set_title(title or f"final {metric} vs {', '.join(swept)}")
+    ax.grid(alpha=0.3)
+    if xs_all:
+        ax.legend(fontsize=8)
+    else:
         ax.text(0.5, 0.5, f"no {metric} evaluated yet", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 

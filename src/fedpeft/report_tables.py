@@ -3,6 +3,8 @@ runs and seed groups.
 
 - ``results_table``: per group, the metric at chosen rounds and the final metric, mean ± sample
   standard deviation over seeds (Table 2).
+- ``sweep_table``: the final metric per method at each value of the settings a sweep varies
+  (Fig. 5: alpha; Fig. 6: trainable budget).
 - ``time_to_target_table``: rounds and modelled wall time to reach 90/95/99% of a target metric
   (Table 5). Modelled time of a round = the slowest sampled client's measured local training
   (``seconds-client-max``) + one client's payload (bytes down + up) over a ``bandwidth_mbit``
@@ -129,6 +131,60 @@ def results_table(groups: Sequence[Group], metric: str, rounds: Sequence[int]) -
             *(fmt_mean_std([value_at(r, metric, n) for r in g.runs]) for n in rounds),
             fmt_mean_std([r.final(metric) for r in g.runs])]))
     return "\n".join(lines)
+
+
+def sweep_rows(groups: Sequence[Group], swept: Sequence[str]
+               ) -> list[tuple[tuple[Any, ...], dict[str, Group]]]:
+    """``groups`` pivoted for a sweep: one row per combination of the ``swept`` settings' values
+    (numbers in numeric order), each a {method: group} dict."""
+    rows: dict[tuple[Any, ...], dict[str, Group]] = {}
+    for g in groups:
+        rows.setdefault(tuple(g.settings.get(k) for k in swept), {})[g.method] = g
+    return sorted(rows.items(), key=lambda row: [_sort_key(v) for v in row[0]])
+
+
+def trainable_params(group: Group) -> int | None:
+    """The group's trainable parameters (``summary.json``), None while no run has finished."""
+    counts = [r.summary["trainable-params"] for r in group.runs
+              if r.summary and "trainable-params" in r.summary]
+    return int(counts[0]) if counts else None
+
+
+def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> str:
+    """Markdown pivot of ``sweep_rows``: the swept values, then each method's final metric;
+    a ``trainable params`` column when the count changes from row to row."""
+    rows = sweep_rows(groups, swept)
+    methods = list(dict.fromkeys(g.method for g in groups))
+    params = [[trainable_params(row[m]) if m in row else None for m in methods]
+              for _, row in rows]
+    show_params = any(len({p[i] for p in params if p[i] is not None}) > 1
+                      for i in range(len(methods)))
+    columns = [*swept, *(["trainable params"] if show_params else []),
+               *(f"{m} final {metric}" for m in methods)]
+    lines = [_row(columns), _rule(len(columns))]
+    for (values, row), counts in zip(rows, params):
+        cells = [_fmt_value(v) for v in values]
+        if show_params:
+            cells.append(" / ".join("-" if c is None else f"{c:,}" for c in counts))
+        for m in methods:
+            g = row.get(m)
+            if g is None:
+                cells.append("")
+                continue
+            done = min(len(r.rounds) for r in g.runs)
+            planned = int(g.settings.get("rounds", done))
+            unfinished = f" (r {done}/{planned})" if done < planned else ""
+            cells.append(fmt_mean_std([r.final(metric) for r in g.runs]) + unfinished)
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def time_to_target_table(groups: Sequence[Group], metric: str, target: float,
