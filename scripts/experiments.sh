@@ -55,6 +55,9 @@ case "${1:-}" in
       --methods federa,fedlr --sweep alpha=0.1
     compare semeval-alpha "${SEMEVAL[@]}" "${TUNED[@]}" rounds=100 --root runs/exp/semeval-alpha \
       --methods federa,fedlr --sweep alpha=0.5,10
+    # WNUT-2017 (L=64): both at the rate their SemEval grid chose (no grid on this task)
+    compare wnut17 task=wnut17 "${COMMON[@]}" precision=bf16 alpha=1 rounds=100 lr=5e-3 \
+      --root runs/exp/wnut17-a1 --methods fedlr,federa
     for rank in 4 64 8 16; do  # the ends first; FedLR's alpha = r at every rank (scaling 1)
       compare semeval-rank "${SEMEVAL[@]}" "${TUNED[@]}" alpha=1 rounds=100 "lora-rank=$rank" \
         "lora-alpha=$rank" --root "runs/exp/semeval-rank/r$rank" --methods fedlr,federa
@@ -63,8 +66,6 @@ case "${1:-}" in
       rounds=100 --root runs/exp/20news-a0.1 --methods federa,fedlr,fedft
     compare semeval-adapter "${SEMEVAL[@]}" alpha=1 rounds=100 --root runs/exp/semeval-adapter \
       --methods fedap --sweep adapter-reduction=48,24,6  # bottleneck 8, 16, 64 of 384
-    compare wnut17 task=wnut17 "${COMMON[@]}" precision=bf16 alpha=1 rounds=100 \
-      --root runs/exp/wnut17-a1 --methods fedlr,federa
     compare squad task=squad "${COMMON[@]}" precision=bf16 alpha=1 rounds=50 \
       max-train-samples=8000 max-test-samples=1000 --root runs/exp/squad-a1 \
       --methods fedlr,federa
