@@ -84,6 +84,15 @@ def test_settings_that_differ_split_groups_and_name_them(tmp_path):
     assert labels == [("fedlr alpha=0.1", 1), ("fedlr alpha=1", 2)]
 
 
+def test_groups_of_a_numeric_sweep_are_in_numeric_order(tmp_path):
+    for rank in (16, 4, 64, 8):  # as strings: 16 < 4 < 64 < 8
+        make_run(tmp_path, f"federa-r{rank}", "federa", {4: 0.5}, **{"lora-rank": rank})
+    make_run(tmp_path, "fedlr-r32", "fedlr", {4: 0.5}, **{"lora-rank": 32})
+    labels = [g.label for g in group_runs(find_runs([tmp_path]))]
+    assert labels == ["fedlr lora-rank=32", "federa lora-rank=4", "federa lora-rank=8",
+                      "federa lora-rank=16", "federa lora-rank=64"]
+
+
 def test_learning_rate_chosen_on_validation_not_test(tmp_path):
     make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3, valid={4: 0.4}, summary={},
              **{"valid-fraction": 0.1})

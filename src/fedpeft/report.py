@@ -153,8 +153,12 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     for g in kept:  # same label = rates kept side by side: say which is which
         if labels.count(g.label) > 1:
             g.label += f" lr={_fmt_setting(g.settings['lr'])}"
+    from .report_tables import setting_order
+
     order = list(dict.fromkeys([*PAPER_ORDER, *(r.method for r in runs)]))
-    return sorted(kept, key=lambda g: (order.index(g.method), g.label))
+    return sorted(kept, key=lambda g: (order.index(g.method),
+                                       [setting_order(g.settings.get(k)) for k in varying],
+                                       g.label))
 
 
 def varying_settings(groups: Sequence[Group]) -> list[str]:

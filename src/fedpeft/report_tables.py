@@ -28,6 +28,11 @@ FRACTIONS = (0.90, 0.95, 0.99)
 
 
 # --- numbers ----------------------------------------------------------------------------------
+def setting_order(value: Any) -> tuple[int, Any]:
+    """Sort key for a setting's values: numbers by value (4 < 16 < 32), then anything else."""
+    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof=1; None for a single value)."""
     array = np.asarray(values, dtype=np.float64)
@@ -140,7 +145,7 @@ def sweep_rows(groups: Sequence[Group], swept: Sequence[str]
     rows: dict[tuple[Any, ...], dict[str, Group]] = {}
     for g in groups:
         rows.setdefault(tuple(g.settings.get(k) for k in swept), {})[g.method] = g
-    return sorted(rows.items(), key=lambda row: [_sort_key(v) for v in row[0]])
+    return sorted(rows.items(), key=lambda row: [setting_order(v) for v in row[0]])
 
 
 def trainable_params(group: Group) -> int | None:
@@ -177,10 +182,6 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
             cells.append(fmt_mean_std([r.final(metric) for r in g.runs]) + unfinished)
         lines.append(_row(cells))
     return "\n".join(lines)
-
-
-def _sort_key(value: Any) -> tuple[int, Any]:
-    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
 
 
 def _fmt_value(value: Any) -> str:
