@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | grid | later; runs in the foreground
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad; in the foreground
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
 # lane again skips finished runs and resumes interrupted ones from their last round (raise
 # `rounds` and finished runs are extended). All runs train and evaluate with bf16 autocast
 # (precision=bf16: ~2x faster on this machine's CPU, see BENCHMARKS.md), except the fp32
-# reference that measures what bf16 changes. One lane at a time uses every core. Then:
+# reference that measures what bf16 changes. One lane at a time uses every core; run 5's SQuAD
+# part ran as two lanes at once, one method each (THREADS=1 bash scripts/experiments.sh squad
+# fedlr & ... squad federa &): ~30% more rounds per hour here than one 2-thread lane. Then:
 #
 #   bash scripts/results.sh      # copy the logs to results/, regenerate the reports
 set -euo pipefail
@@ -27,6 +29,12 @@ compare() {  # compare NAME ARGS...: one `fedpeft compare`, its output in runs/e
   echo "$(date -u +%FT%TZ) start $name: $*"
   "$FEDPEFT" compare "$@" >> "runs/exp/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) done  $name"
+}
+
+squad() {  # SQuAD v1.1 (a subset, L=256 for CPU), at the SemEval grid's rate (no grid here)
+  compare "squad-$1" task=squad "${COMMON[@]}" precision=bf16 alpha=1 rounds=50 lr=5e-3 \
+    max-length=256 max-train-samples=8000 max-test-samples=1000 --root runs/exp/squad-a1 \
+    --methods "$1"
 }
 
 case "${1:-}" in
@@ -69,13 +77,13 @@ case "${1:-}" in
     NEWS=(task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 rounds=100)
     compare 20news "${NEWS[@]}" lr=5e-3 --root runs/exp/20news-a0.1 --methods fedlr,federa
     compare 20news "${NEWS[@]}" --root runs/exp/20news-a0.1 --methods fedft
-    # SQuAD v1.1 (a subset, L=256 for CPU), both at the SemEval grid's rate (no grid here)
-    compare squad task=squad "${COMMON[@]}" precision=bf16 alpha=1 rounds=50 lr=5e-3 \
-      max-length=256 max-train-samples=8000 max-test-samples=1000 --root runs/exp/squad-a1 \
-      --methods fedlr,federa
+    squad fedlr,federa
+    ;;
+  squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
+    squad "${2:-fedlr,federa}"
     ;;
   *)
-    echo "usage: $0 main|grid|later" >&2
+    echo "usage: $0 main|grid|later|squad [METHODS]" >&2
     exit 2
     ;;
 esac
