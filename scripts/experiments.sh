@@ -10,7 +10,7 @@
 # (precision=bf16: ~2x faster on this machine's CPU, see BENCHMARKS.md), except the fp32
 # reference that measures what bf16 changes. One lane at a time uses every core; run 5's SQuAD
 # part ran as two lanes at once, one method each (THREADS=1 bash scripts/experiments.sh squad
-# fedlr & ... squad federa &): ~30% more rounds per hour here than one 2-thread lane. Then:
+# fedlr & ... squad federa &): ~20% more rounds per hour here than one 2-thread lane. Then:
 #
 #   bash scripts/results.sh      # copy the logs to results/, regenerate the reports
 set -euo pipefail
