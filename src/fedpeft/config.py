@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import FedpeftError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedpeftError, ValueError):
     """A setting is unknown, malformed or inconsistent with another one."""
 
 

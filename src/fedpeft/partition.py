@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import FedpeftError
 
-class PartitionError(ValueError):
+
+class PartitionError(FedpeftError, ValueError):
     """The data cannot be split as asked."""
 
 

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig, to_toml
+from .errors import FedpeftError
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(FedpeftError, FileExistsError):
     pass
 
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from ..errors import FedpeftError
 
-class FederationError(RuntimeError):
+
+class FederationError(FedpeftError, RuntimeError):
     """The federation cannot start: too few nodes, or nodes that disagree about partitions."""
 
 

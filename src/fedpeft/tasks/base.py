@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..errors import FedpeftError
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 REPO_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
-class DataError(ValueError):
+class DataError(FedpeftError, ValueError):
     """A data file is missing or malformed. The message names the file, the line and the cause."""
 
     def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
