@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedpeft.compare import parse_assignments, plan, run_jobs, select_learning_rates
-from fedpeft.config import ConfigError, RunConfig
+from fedpeft.config import ConfigError, RunConfig, to_toml
 
 
 def fake_simulate(scores: dict):
@@ -20,6 +20,7 @@ def fake_simulate(scores: dict):
                    "lr": cfg.lr, "trainable-params": 10, "bytes-per-client-round": 1e6,
                    "seconds": 60.0}
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir() / "config.toml").write_text(to_toml(cfg))
         (cfg.run_dir() / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -70,13 +71,17 @@ def test_interrupted_and_extended_runs_resume_from_their_checkpoint(tmp_path):
     save_checkpoint(interrupted, Checkpoint(
         round=3, global_state={"w": np.zeros(2, np.float32)},
         sampler=np.random.default_rng(0).bit_generator.state, anchored=[], method_state={},
-        history=[], anchor_id="", config={}, seconds=1.0))
+        history=[], anchor_id="", config=jobs[0].cfg.to_dict(), seconds=1.0))
     shorter = jobs[1].cfg.run_dir()  # federa: finished 3 of the 5 rounds now asked for
     shorter.mkdir(parents=True)
+    save_checkpoint(shorter, Checkpoint(
+        round=3, global_state={"w": np.zeros(2, np.float32)},
+        sampler=np.random.default_rng(0).bit_generator.state, anchored=[], method_state={},
+        history=[], anchor_id="", config=jobs[1].cfg.to_dict(), seconds=1.0))
     (shorter / "summary.json").write_text(json.dumps({"rounds": 3}))
     lines = []
     run_jobs(jobs, simulate, log=lines.append)
-    assert [c[1] if isinstance(c, tuple) else False for c in calls] == [True, False]
+    assert [c[1] if isinstance(c, tuple) else False for c in calls] == [True, True]
     assert "resuming after round 3" in lines[0]
     assert len(run_jobs(jobs, simulate, log=lambda _: None)) == 2 and len(calls) == 2
 

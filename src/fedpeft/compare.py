@@ -73,29 +73,45 @@ def run_jobs(jobs: list[Job], simulate: Callable[..., dict[str, Any]],
              overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run each job; return the summaries.
 
-    A folder that holds a finished run of at least the job's rounds is not redone; one with a
-    checkpoint (an interrupted run, or a finished one now asked for more rounds) is resumed from
-    it; anything else starts afresh. ``simulate(cfg, resume=...)`` runs one job.
+    A job's folder that holds a run is reused only if that run is the job's own: its saved,
+    resolved config equals the job's on every setting that can change a result
+    (``config.differing_settings``). Then a finished run of the job's rounds is not redone and
+    one with a checkpoint (interrupted, or finished and now asked for more rounds) is resumed.
+    A folder holding anything else stops the comparison before any job trains, naming the
+    settings that differ. ``overwrite`` starts every job afresh. ``simulate(cfg, resume=...)``
+    runs one job.
     """
-    from .federation.checkpoint import load_checkpoint
-
+    states = [job_state(job, overwrite) for job in jobs]  # every folder checked before training
     summaries = []
-    for i, job in enumerate(jobs, start=1):
+    for i, (job, (state, done)) in enumerate(zip(jobs, states, strict=True), start=1):
         path = job.cfg.run_dir()
-        done = path / "summary.json"
-        finished = json.loads(done.read_text()) if done.exists() and not overwrite else None
-        if finished is not None and finished.get("rounds", 0) >= job.cfg.rounds:
+        if state == "finished":
             log(f"[{i}/{len(jobs)}] {path}: finished, not redone")
-            summary = finished
+            summary = json.loads((path / "summary.json").read_text())
         else:
-            checkpoint = None if overwrite else load_checkpoint(path)
-            if checkpoint is not None:
-                log(f"[{i}/{len(jobs)}] {path}: resuming after round {checkpoint.round}")
-            else:
-                log(f"[{i}/{len(jobs)}] {path}")
-            summary = simulate(job.cfg, resume=checkpoint is not None)
+            log(f"[{i}/{len(jobs)}] {path}" + (f": resuming after round {done}"
+                                                if state == "resume" else ""))
+            summary = simulate(job.cfg, resume=state == "resume")
         summaries.append({**summary, "job": job})
     return summaries
+
+
+def job_state(job: Job, overwrite: bool = False) -> tuple[str, int]:
+    """``(state, rounds done)``, state "new" (no run there, or ``overwrite``), "resume" or
+    "finished"; ``ConfigError`` if the job's folder holds something that is not this job's run."""
+    from .federation.checkpoint import check_resumable, saved_config
+
+    path = job.cfg.run_dir()
+    if overwrite or not path.exists() or not any(path.iterdir()):
+        return "new", 0
+    saved, done = saved_config(path)
+    if saved is None:
+        raise ConfigError(f"{path} exists and holds no fedpeft run (no config.toml); move it "
+                          "away or choose another --root")
+    check_resumable(saved, job.cfg.resolved(saved), done)
+    if done >= job.cfg.rounds and (path / "summary.json").exists():
+        return "finished", done
+    return ("resume" if done > 0 else "new"), done
 
 
 def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,77 +28,126 @@ class ConfigError(FedpeftError, ValueError):
     """A setting is unknown, malformed or inconsistent with another one."""
 
 
+def setting(default: Any, help: str = "", *, resumable: bool = False,
+            structural: bool = True) -> Any:
+    """A ``RunConfig`` field with its help text and what it may change.
+
+    ``resumable``: it steers how the remaining rounds are run, not what the run computes, so a
+    resumed run, or a finished run that ``fedpeft compare`` reuses, may differ in it (every other
+    setting must be equal, else the runs are different runs). ``structural=False``: the model,
+    the data and the partition do not depend on it, so a process's cached runtime survives a
+    change of it (``federation/runtime.py``).
+    """
+    return field(default=default,
+                 metadata={"help": help, "resumable": resumable, "structural": structural})
+
+
 @dataclass
 class RunConfig:
     """Everything a federated fine-tuning run needs. Keys on the CLI are kebab case."""
 
     # --- what to fine-tune -------------------------------------------------------------------
-    task: str = "semeval"  # semeval | 20news | csv/jsonl/conll/squad-json (see `fedpeft tasks`)
-    method: str = "federa"  # fedft | fedlr | federa | ... (see `fedpeft methods`)
-    model: str = "all-MiniLM-L6-v2"  # the bundled encoder, a local path or a hub id
-    data_dir: str | None = None  # else $FEDPEFT_DATA, else shared/data beside the repo
+    task: str = setting(
+        "semeval", "semeval | 20news | csv/jsonl/conll/squad-json (see `fedpeft tasks`)")
+    method: str = setting("federa", "fedft | fedlr | federa | ... (see `fedpeft methods`)")
+    model: str = setting("all-MiniLM-L6-v2", "the bundled encoder, a local path or a hub id")
+    data_dir: str | None = setting(None, "else $FEDPEFT_DATA, else shared/data beside the repo")
     # --- federation (paper: 100 clients, 10 per round, Dirichlet alpha=1) -------------------
-    rounds: int = 20
-    num_clients: int = 100
-    clients_per_round: int = 10
-    alpha: float = 1.0  # Dirichlet concentration; smaller = more heterogeneous
-    min_size: int = 2  # every client gets at least this many training examples
-    seed: int = 0  # one seed for the partition, client sampling, init and local shuffles
-    eval_every: int = 1  # evaluate the global model on the test split every k rounds (and last)
+    rounds: int = setting(20, "federated rounds", resumable=True, structural=False)
+    num_clients: int = setting(100, "clients the training data is split over")
+    clients_per_round: int = setting(10, "clients sampled per round", structural=False)
+    alpha: float = setting(1.0, "Dirichlet concentration; smaller = more heterogeneous")
+    min_size: int = setting(2, "every client gets at least this many training examples")
+    seed: int = setting(0, "one seed for the partition, client sampling, init and local shuffles")
+    eval_every: int = setting(
+        1,
+        "evaluate the global model on the test split every k rounds (and last)",
+        structural=False)
     # --- local training (paper: 1 local epoch, batch 16, AdamW) -----------------------------
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float | None = None  # None = the method's default learning rate
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    max_length: int | None = None  # None = the task's default (paper: SemEval 64, 20News 256)
-    eval_batch_size: int = 64
+    local_epochs: int = setting(1, "local epochs per round", structural=False)
+    batch_size: int = setting(16, "local batch size", structural=False)
+    lr: float | None = setting(None, "None = the method's default learning rate", structural=False)
+    weight_decay: float = setting(0.0, "AdamW weight decay (>= 0)", structural=False)
+    max_grad_norm: float = setting(1.0, "0 disables clipping", structural=False)
+    max_length: int | None = setting(
+        None, "None = the task's default (paper: SemEval 64, 20News 256)")
+    eval_batch_size: int = setting(64, "batch size of evaluation", resumable=True, structural=False)
     # --- LoRA family (paper: r=32, alpha=32 on query and value) ------------------------------
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # None = query/value of the architecture
+    lora_rank: int = setting(32, "LoRA rank r")
+    lora_alpha: float = setting(32.0, "LoRA alpha (scaling s = alpha / r)")
+    lora_dropout: float = setting(0.0, "LoRA dropout")
+    target_modules: list[str] | None = setting(None, "None = query/value of the architecture")
     # --- FedAP adapters and SLoRA's sparse first stage (see docs/methods.md) -----------------
-    adapter_reduction: int = 16  # FedAP bottleneck width = hidden size / this (FedPETuning: 16)
-    adapter_modules: list[str] | None = None  # FedAP sites under each layer; None = attn/FFN outs
-    slora_stage1_rounds: int | None = None  # SLoRA sparse rounds, then LoRA; None = rounds//4 (>=1)
-    slora_density: float = 0.01  # SLoRA stage 1: share of each target matrix that trains (~1%)
-    slora_stage1_lr: float | None = None  # None = SLoRA's stage-1 default (lr applies to stage 2)
+    adapter_reduction: int = setting(
+        16, "FedAP bottleneck width = hidden size / this (FedPETuning: 16)")
+    adapter_modules: list[str] | None = setting(
+        None, "FedAP sites under each layer; None = attn/FFN outs")
+    slora_stage1_rounds: int | None = setting(
+        None, "SLoRA sparse rounds, then LoRA; None = rounds//4 (>=1)")
+    slora_density: float = setting(
+        0.01, "SLoRA stage 1: share of each target matrix that trains (~1%)")
+    slora_stage1_lr: float | None = setting(
+        None, "None = SLoRA's stage-1 default (lr applies to stage 2)")
     # --- data size limits (for quick runs and tests) -----------------------------------------
-    max_train_samples: int | None = None  # a seeded random subset of n training examples
-    max_test_samples: int | None = None  # a seeded random subset of n test examples
-    valid_fraction: float = 0.0  # hold out this share of train as a validation split (lr choice)
+    max_train_samples: int | None = setting(None, "a seeded random subset of n training examples")
+    max_test_samples: int | None = setting(None, "a seeded random subset of n test examples")
+    valid_fraction: float = setting(
+        0.0, "hold out this share of train as a validation split (lr choice)")
     # --- bring-your-own data -----------------------------------------------------------------
-    train_file: str | None = None
-    test_file: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    token_column: int = 0  # conll-files: 0-based column of the token
-    tag_column: int = -1  # conll-files: 0-based column of the BIO tag (-1 = last)
-    skip_invalid: bool = False  # conll-files/squad-files: skip bad sentences/questions (counted)
-    ner_max_classes: int = 16  # NER partition classes: 15 commonest entity sets + "other"; 0=all
-    doc_stride: int = 128  # QA: tokens shared by consecutive sliding windows (paper L=384)
-    max_answer_length: int = 30  # QA: longest predicted answer span, in tokens
-    n_best: int = 20  # QA: start and end candidates per window considered in post-processing
+    train_file: str | None = setting(None, "*-files tasks: the training file")
+    test_file: str | None = setting(None, "*-files tasks: the test file")
+    text_column: str = setting("text", "text-files: the column of the text")
+    label_column: str = setting("label", "text-files: the column of the label")
+    token_column: int = setting(0, "conll-files: 0-based column of the token")
+    tag_column: int = setting(-1, "conll-files: 0-based column of the BIO tag (-1 = last)")
+    skip_invalid: bool = setting(
+        False, "conll-files/squad-files: skip bad sentences/questions (counted)")
+    ner_max_classes: int = setting(
+        16, 'NER partition classes: 15 commonest entity sets + "other"; 0=all')
+    doc_stride: int = setting(128, "QA: tokens shared by consecutive sliding windows (paper L=384)")
+    max_answer_length: int = setting(30, "QA: longest predicted answer span, in tokens")
+    n_best: int = setting(
+        20, "QA: start and end candidates per window considered in post-processing")
     # --- aggregation and transport (beyond the papers) ----------------------------------------
-    aggregation: str = "fedavg"  # fedavg | exact-lora (mean of s*B*A refactored by SVD)
-    transport_dtype: str = "fp32"  # fp32 | fp16 | bf16: precision of the tensors on the wire
+    aggregation: str = setting("fedavg", "fedavg | exact-lora (mean of s*B*A refactored by SVD)")
+    transport_dtype: str = setting(
+        "fp32", "fp32 | fp16 | bf16: precision of the tensors on the wire")
     # --- failing clients and bad updates (see docs/deployment.md) ----------------------------
-    round_timeout: float = 0.0  # seconds a round waits for replies; later ones fail; 0 = no limit
-    min_train_clients: int = 1  # valid updates a round needs, else on-round-failure applies
-    on_round_failure: str = "retry"  # retry (new sample, up to round-retries, then skip) | skip
-    round_retries: int = 2  # extra attempts of a round that got too few valid updates
-    max_update_norm: float = 100.0  # reject ||w_k - w|| > this * max(1, ||w||); 0 = no bound
-    fail_rate: float = 0.0  # TESTING AID: share of sampled clients that fail on purpose (seeded)
-    fail_mode: str = "raise"  # TESTING AID: raise | hang (past round-timeout) | nan | huge
+    round_timeout: float = setting(
+        3600.0, "seconds a round waits for replies (later ones count as failed); 0 = for ever",
+        resumable=True)
+    min_train_clients: int = setting(
+        1, "valid updates a round needs, else on-round-failure applies", resumable=True)
+    on_round_failure: str = setting(
+        "retry", "retry (new sample, up to round-retries, then skip) | skip", resumable=True)
+    round_retries: int = setting(
+        2, "extra attempts of a round that got too few valid updates", resumable=True)
+    max_failed_rounds: int = setting(
+        3, "stop the run (non-zero exit) after this many rounds in a row without a valid "
+        "update; 0 = never", resumable=True, structural=False)
+    max_update_norm: float = setting(
+        100.0, "reject ||w_k - w|| > this * max(1, ||w||); 0 = no bound")
+    fail_rate: float = setting(
+        0.0, "TESTING AID: share of sampled clients that fail on purpose (seeded)")
+    fail_mode: str = setting("raise", "TESTING AID: raise | hang (past round-timeout) | nan | huge")
     # --- runtime -----------------------------------------------------------------------------
-    device: str = "cpu"  # cpu | cuda | auto
+    device: str = setting("cpu", "cpu | cuda | auto", resumable=True)
     # bf16 autocast is ~2x faster on CPUs with AVX512-BF16/AMX (BENCHMARKS.md); weights stay fp32
-    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
-    threads: int = 0  # torch threads per simulated worker; 0 = all cores / workers
-    sim_workers: int = 1  # Ray actors in the simulation; each holds one frozen base model
-    out: str = "runs/{task}-{method}-a{alpha}-s{seed}"  # run folder; {field} is filled in
-    progress: bool = True
+    precision: str = setting(
+        "auto", "auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16")
+    threads: int = setting(
+        0,
+        "torch threads per simulated worker; 0 = all cores / workers",
+        resumable=True, structural=False)
+    sim_workers: int = setting(
+        1,
+        "Ray actors in the simulation; each holds one frozen base model",
+        resumable=True, structural=False)
+    out: str = setting(
+        "runs/{task}-{method}-a{alpha}-s{seed}",
+        "run folder; {field} is filled in",
+        resumable=True, structural=False)
+    progress: bool = setting(True, "show a progress bar", resumable=True, structural=False)
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
@@ -106,6 +157,20 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        nonnegative = ["weight_decay", "max_grad_norm", "threads", "max_failed_rounds",
+                       "doc_stride"]
+        for name in nonnegative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("alpha", "lora_alpha", "weight_decay", "max_grad_norm", "lora_dropout",
+                     "round_timeout", "max_update_norm", "valid_fraction", "slora_density"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{_kebab(name)} must be a finite number, got "
+                                  f"{getattr(self, name)}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.device in ("cuda",) or self.device.startswith("cuda:"):
+            _check_cuda(self.device)
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round={self.clients_per_round} exceeds num-clients={self.num_clients}"
@@ -114,8 +179,6 @@ class RunConfig:
             raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
         if not self.lora_alpha > 0:
             raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.min_size < 1:
@@ -171,10 +234,56 @@ class RunConfig:
             raise ConfigError("fail-mode=hang needs round-timeout > 0 (else the round never ends)")
         return self
 
+    def resolved(self, saved: Mapping[str, Any] | None = None) -> RunConfig:
+        """This config with the defaults that depend on other settings fixed, once, at the start
+        of a run, so that they cannot move when ``rounds`` changes on a resume or an extension.
+
+        ``saved``: the resolved config of the run being continued (``to_dict()`` form); its
+        values win. A run saved before a default was resolved falls back to the method state
+        it logged (``slora-stage1-rounds`` from the checkpoint)."""
+        cfg = dataclasses.replace(self)
+        if cfg.method == "slora" and cfg.slora_stage1_rounds is None:
+            earlier = (saved or {}).get("slora-stage1-rounds")
+            cfg.slora_stage1_rounds = int(earlier) if earlier else max(1, cfg.rounds // 4)
+        return cfg
+
     def run_dir(self) -> Path:
-        """The run folder, with ``{field}`` placeholders of ``out`` filled in."""
+        """The run folder: ``out`` with its ``{setting}`` placeholders (``{alpha}``,
+        ``{num-clients}``) filled in; ``ConfigError`` for an unknown or malformed one."""
+        import string
+
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Path(self.out.format(**values))
+        usage = ("placeholders are {setting}, e.g. {task} or {num-clients}; write {{ and }} for "
+                 "a literal brace")
+        try:
+            pieces = list(string.Formatter().parse(self.out))
+        except ValueError as err:
+            raise ConfigError(f"out={self.out!r}: {err} ({usage})") from None
+        parts = []
+        for literal, name, spec, conversion in pieces:
+            parts.append(literal)
+            if name is None:
+                continue
+            key = name.replace("-", "_")
+            if key not in values:
+                close = difflib.get_close_matches(_kebab(key), map(_kebab, values), n=2)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                what = f"unknown setting {{{name}}}{hint}" if name else "an empty placeholder {}"
+                raise ConfigError(f"out={self.out!r}: {what}; {usage}; settings: "
+                                  f"{', '.join(_kebab(n) for n in values)}")
+            value = values[key]
+            try:
+                if conversion:
+                    value = {"r": repr, "a": ascii, "s": str}[conversion](value)
+                parts.append(format(value, spec or ""))
+            except KeyError:
+                raise ConfigError(f"out={self.out!r}: unknown conversion !{conversion} in "
+                                  f"{{{name}!{conversion}}} (!s, !r or !a)") from None
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"out={self.out!r}: {{{name}:{spec}}}: {err}") from None
+        if not "".join(parts).strip():
+            raise ConfigError("out is empty; expected the path of a run folder")
+        return Path("".join(parts))
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping of every field (None values included)."""
@@ -302,17 +411,54 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def describe_fields() -> str:
-    """One line per setting with its default, for ``--help-config``."""
-    import inspect
-    import re
-
-    source = inspect.getsource(RunConfig)
-    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
+    """One line per setting with its default and help text, for ``--help-config``."""
     lines = []
     for f in dataclasses.fields(RunConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  {_kebab(f.name):<22} {default!r:<40} {comments.get(f.name, '')}")
+        lines.append(f"  {_kebab(f.name):<22} {default!r:<40} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "RunConfig", "describe_fields", "field", "load_config", "to_toml"]
+def resumable_settings() -> frozenset[str]:
+    """Kebab-case names of the settings a continued run may change (see ``setting``)."""
+    return frozenset(_kebab(f.name) for f in dataclasses.fields(RunConfig)
+                     if f.metadata.get("resumable"))
+
+
+def non_structural_settings() -> frozenset[str]:
+    """Kebab-case names of the settings a cached runtime survives a change of."""
+    return frozenset(_kebab(f.name) for f in dataclasses.fields(RunConfig)
+                     if not f.metadata.get("structural", True))
+
+
+def differing_settings(saved: Mapping[str, Any], cfg: RunConfig) -> list[str]:
+    """Kebab-case settings, other than the resumable ones, whose value in ``saved`` (a
+    ``to_dict()`` of the run being continued or reused) differs from ``cfg``'s. A setting that
+    ``saved`` lacks (a run made by an older fedpeft) counts as its default then."""
+    current, defaults = cfg.to_dict(), RunConfig().to_dict()
+    skip = resumable_settings()
+    return sorted(key for key in current if key not in skip
+                  and _same_value(saved.get(key, defaults[key])) != _same_value(current[key]))
+
+
+def _same_value(value: Any) -> Any:
+    """Values as TOML/JSON round trips leave them (ints and floats compare equal)."""
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device=cpu or device=auto")
+    index = device.partition(":")[2]
+    if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+        raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s)")
+
+
+__all__ = ["ConfigError", "RunConfig", "describe_fields", "differing_settings", "field",
+           "load_config", "non_structural_settings", "resumable_settings", "setting", "to_toml"]

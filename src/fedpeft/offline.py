@@ -1,4 +1,4 @@
-"""Keep Flower and Ray on loopback: no telemetry, update checks, cloud probes or hub downloads.
+"""Keep Flower and Ray on loopback: no telemetry, update checks or cloud probes.
 
 Out of the box Flower sends telemetry and checks for updates, and Ray probes cloud metadata
 endpoints, discovers a public IP and binds to the machine's external address. Every fedpeft
@@ -33,16 +33,17 @@ SETTINGS = {
 _applied = False
 
 
-def apply(hub_offline: bool = True) -> None:
-    """Set the loopback-only environment (idempotent). Call before importing flwr or ray."""
+def apply() -> None:
+    """Set the loopback-only environment (idempotent). Call before importing flwr or ray.
+
+    Only Flower's and Ray's own network features are turned off. The Hugging Face hub is left to
+    the user's environment: with network access ``model=roberta-base`` downloads as usual, and
+    ``HF_HUB_OFFLINE=1`` (which the tests and CI set) keeps transformers off the network."""
     global _applied
     if _applied:
         return
     for key, value in SETTINGS.items():
         os.environ.setdefault(key, value)
-    if hub_offline:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     real_home = Path(os.environ.get("HOME") or Path.home())
     if not (real_home / "ray_bootstrap_config.yaml").exists():
         cache = Path(os.environ.get("XDG_CACHE_HOME") or real_home / ".cache")

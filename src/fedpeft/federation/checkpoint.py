@@ -22,18 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, differing_settings, resumable_settings
 
 FILE = "checkpoint.safetensors"
 _META_KEY = "fedpeft-checkpoint"
 VERSION = 1
-
-# Settings that may change when a run is resumed: they steer how the remaining rounds are run,
-# not what the run is. Changing any other setting would splice two different runs together.
-RESUMABLE = {"rounds", "progress", "sim_workers", "threads", "device", "eval_batch_size", "out",
-             "round_timeout", "min_train_clients", "on_round_failure", "round_retries",
-             "max_update_norm", "fail_rate", "fail_mode"}
-
 
 @dataclass
 class Checkpoint:
@@ -90,18 +83,52 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, done: int) -> None:
-    """Raise ``ConfigError`` if ``cfg`` changes a setting that a resumed run must keep."""
-    current = cfg.to_dict()
-    changed = sorted(key for key, value in saved.items()
-                     if key.replace("-", "_") not in RESUMABLE and current.get(key) != value)
+    """Raise ``ConfigError`` unless ``cfg`` continues the run whose resolved config is ``saved``
+    and which has finished ``done`` rounds: every setting that can change a result must be
+    equal (``config.differing_settings``), and ``rounds`` may only grow."""
+    changed = differing_settings(saved, cfg)
     if changed:
-        shown = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:4])
-        raise ConfigError(f"cannot resume with different settings ({shown}); only "
-                          f"{', '.join(sorted(k.replace('_', '-') for k in RESUMABLE))} "
-                          "may change")
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.to_dict().get(k)!r}"
+                          for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"{cfg.run_dir()} holds a run made with other settings ({shown}{more}); "
+                          f"continuing it would splice two different runs together. Only "
+                          f"{', '.join(sorted(resumable_settings()))} may change: use another "
+                          "out=/--root, or --overwrite to discard that run")
     if cfg.rounds < done:
-        raise ConfigError(f"rounds={cfg.rounds} but the checkpoint has already finished round "
-                          f"{done}")
+        raise ConfigError(f"rounds={cfg.rounds} but {cfg.run_dir()} has already finished round "
+                          f"{done}; ask for rounds>={done} or use another out=/--root")
+
+
+def saved_config(run_dir: str | Path) -> tuple[dict[str, Any] | None, int]:
+    """The resolved config of the run in ``run_dir`` and the rounds it finished: from its
+    checkpoint if it has one, else from its ``config.toml`` and ``summary.json`` (a finished
+    run whose checkpoint was not kept, 0 rounds without one); ``(None, 0)`` if the folder holds
+    no run."""
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None:
+        config = dict(checkpoint.config)
+        stage1 = checkpoint.method_state.get("stage1-rounds")
+        if config.get("slora-stage1-rounds") is None and stage1:  # saved before it was resolved
+            config["slora-stage1-rounds"] = int(stage1)
+        return config, checkpoint.round
+    if (run_dir / "config.toml").exists():
+        import tomllib
+
+        try:
+            data = tomllib.loads((run_dir / "config.toml").read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{run_dir / 'config.toml'} is not a readable run config: {err}"
+                              ) from None
+        defaults = RunConfig().to_dict()
+        summary = run_dir / "summary.json"
+        try:
+            done = int(json.loads(summary.read_text()).get("rounds", 0)) if summary.exists() else 0
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise ConfigError(f"{summary} is not a readable run summary") from None
+        return {**{k: None for k, v in defaults.items() if v is None}, **data}, done
+    return None, 0
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -102,6 +102,7 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
     if fault and cfg.fail_mode == "hang":
         time.sleep(2 * cfg.round_timeout + 1)  # past the server's deadline; the reply is late
     runtime = cached_runtime(cfg)
+    check_base(runtime, str(config.get("base-fingerprint", "")))
     if "anchor" in content:
         state[ANCHOR_KEY] = content["anchor"]
     _ensure_anchor(runtime, str(config.get("anchor-id", "")), state)
@@ -136,6 +137,18 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
     # Everything this handler did (model build on first use, decode, train, encode)
     metrics["handler-seconds"] = time.perf_counter() - started
     return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+def check_base(runtime: Runtime, wanted: str) -> None:
+    """Refuse to train on a pretrained model other than the server's (see
+    ``runtime.weights_fingerprint``)."""
+    if wanted and wanted != runtime.base_fingerprint:
+        raise RuntimeError(
+            f"this node's pretrained model differs from the server's: model="
+            f"{runtime.cfg.model} loads here with weights fingerprint {runtime.base_fingerprint}, "
+            f"the server's is {wanted}. Every node needs the same model files (same revision, "
+            "same weights); this node refuses to train rather than send updates made on other "
+            "weights")
 
 
 def _corrupt(update: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:

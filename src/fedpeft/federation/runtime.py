@@ -15,23 +15,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig, non_structural_settings
 from ..methods import Method, make_method
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, max_input_length
 from ..partition import Partition, dirichlet_partition
 from ..tasks import Features, Task, make_task
 from ..training import resolve_device
 
-# Settings that do not change the model, the data or the partition: a cached runtime survives
-# a change of these (e.g. a resumed run with more rounds).
-_NOT_STRUCTURAL = {"rounds", "clients_per_round", "eval_every", "lr", "weight_decay",
-                   "local_epochs", "batch_size", "max_grad_norm", "eval_batch_size", "out",
-                   "progress", "sim_workers", "threads"}
-
-
 def structure_key(cfg: RunConfig) -> str:
-    values = {k: v for k, v in cfg.to_dict().items() if k.replace("-", "_") not in _NOT_STRUCTURAL}
+    """A hash of the settings the model, the data and the partition depend on."""
+    skip = non_structural_settings()
+    values = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     return hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of every parameter and buffer (names, shapes, bytes) of ``model``.
+
+    The server sends the fingerprint of its pretrained model with every train message; a node
+    whose own copy differs (another revision, another file) refuses to train, since it would
+    compute, e.g., a different FeDeRA residual W - s*B0*A0 and poison the average unnoticed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 def anchor_id(anchor: dict[str, np.ndarray] | None) -> str:
@@ -54,7 +63,9 @@ class Runtime:
         self.task: Task = make_task(cfg)
         self.method: Method = make_method(cfg, self.task.peft_task_type)
         self.tokenizer = load_tokenizer(cfg.model)
+        self.base_fingerprint = ""  # of the pretrained model + seeded head, set by build_model
         self.model = self.build_model()
+        self._check_limits()
         self.anchor_id = ""
         self._features: dict[str, Features] = {}
         self._partition: Partition | None = None
@@ -64,7 +75,21 @@ class Runtime:
         task = self.task
         base = load_model(self.cfg.model, task.auto_model_class(), seed=self.cfg.seed,
                           **task.model_kwargs())
+        if not self.base_fingerprint:
+            self.base_fingerprint = weights_fingerprint(base)
         return self.method.apply(base).to(self.device)
+
+    def _check_limits(self) -> None:
+        """Settings the model or the device cannot honour fail here, before any training."""
+        cfg, limit = self.cfg, max_input_length(self.model)
+        self.task.length_limit = limit
+        if cfg.max_length and limit and cfg.max_length > limit:
+            raise ConfigError(f"max-length={cfg.max_length} exceeds what model={cfg.model} can "
+                              f"take: its position embeddings allow {limit} tokens")
+        if (cfg.precision == "bf16" and self.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise ConfigError(f"precision=bf16: the GPU {torch.cuda.get_device_name(self.device)}"
+                              " has no bf16 support; use precision=fp32 or auto")
 
     # --- data ----------------------------------------------------------------------------------
     def features(self, split: str) -> Features:

@@ -32,11 +32,18 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # 
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
+from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
 from .aggregation import WeightedMean, exact_lora_mean  # noqa: E402
-from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    Checkpoint,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
 from .exchange import Nodes, discover_nodes, exchange, refresh_nodes  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
 from .state import (  # noqa: E402
@@ -103,12 +110,14 @@ def open_run(cfg: RunConfig, overwrite: bool = False, resume: bool = False
     """
     path = cfg.run_dir()
     if resume:
-        checkpoint = load_checkpoint(path)
-        if checkpoint is not None:
-            check_resumable(checkpoint.config, cfg, checkpoint.round)
-            summary = path / "summary.json"
-            if checkpoint.round >= cfg.rounds and summary.exists():
-                return RunLog(path), None, json.loads(summary.read_text())
+        saved, done = saved_config(path)
+        if saved is None:
+            raise ConfigError(f"{path} holds no run to resume (no config.toml)")
+        cfg = cfg.resolved(saved)
+        check_resumable(saved, cfg, done)
+        summary = path / "summary.json"
+        if done and done >= cfg.rounds and summary.exists():
+            return RunLog(path), None, json.loads(summary.read_text())
         runtime = prepare(cfg)
         log = RunLog(path)
         atomic_write(path / "config.toml", to_toml(cfg))  # the settings now in force
@@ -117,6 +126,7 @@ def open_run(cfg: RunConfig, overwrite: bool = False, resume: bool = False
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise RunExistsError(f"run folder {path} already exists; pass --overwrite to replace it, "
                              f"--resume {path} to continue it, or out=... to choose another")
+    cfg = cfg.resolved()
     runtime = prepare(cfg)
     return RunLog.create(cfg, overwrite=overwrite), runtime, None
 
@@ -126,6 +136,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
                runtime: Runtime | None = None, resume: bool = False) -> Record:
     """Run the remaining rounds of ``cfg`` on ``grid``, logging into ``log``; return the summary."""
     started = time.perf_counter()
+    cfg = cfg.resolved(saved_config(log.path)[0] if resume else None)
     runtime = runtime if runtime is not None else prepare(cfg)
     anchor_t = runtime.method.make_anchor(runtime.model)
     anchor = {k: v.detach().cpu().numpy() for k, v in anchor_t.items()} if anchor_t else None
@@ -158,12 +169,18 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     drift = DriftTracker()  # LoRA factors only; other methods log no drift
     drift.observe(global_state)
     nodes = discover_nodes(grid, cfg.num_clients)
-    base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key}
+    base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key,
+                   "base-fingerprint": runtime.base_fingerprint}
+    failed_in_a_row = 0  # rounds without a valid update, up to now
+    for record in reversed(history):
+        if not record.get("skipped"):
+            break
+        failed_in_a_row += 1
     setup_seconds = time.perf_counter() - started
 
     for server_round in range(done + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        node_changes = refresh_nodes(grid, nodes, cfg.round_timeout or 60.0)
+        node_changes = refresh_nodes(grid, nodes, min(cfg.round_timeout or 60.0, 60.0))
         config = {**base_config, **runtime.method.client_config(server_round),
                   "round": server_round}
         result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes)
@@ -178,16 +195,18 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             else:  # cannot happen with validated updates; kept as the last line of defence
                 result.rejected.append({"client": "aggregate", "reason": problem})
                 result.updates = []
+        failed_in_a_row = 0 if result.updates else failed_in_a_row + 1
+        t_agg = time.perf_counter()
+        evaluate = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
+        # The model this round trained is evaluated before a method's switch (SLoRA's stage 1
+        # -> 2), so the round's metrics are its own; the switched model's go beside them.
+        metrics_eval = evaluate_global(cfg, runtime) if evaluate else {}
+        t_eval = time.perf_counter()
         switched = runtime.method.end_round(server_round, runtime, global_state)
+        switch_metrics: dict[str, float] = {}
         if switched is not None:
             global_state = switched
-        t_agg = time.perf_counter()
-        metrics_eval: dict[str, float] = {}
-        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
-            metrics_eval = runtime.evaluate("test")
-            if cfg.valid_fraction > 0:  # the split learning rates are chosen on
-                metrics_eval.update({f"valid-{k}": v
-                                     for k, v in runtime.evaluate("valid").items()})
+            switch_metrics = evaluate_global(cfg, runtime) if evaluate else {}
         t_end = time.perf_counter()
         drifted = drift.observe(global_state)
         weights = [u.weight for u in result.updates]
@@ -209,8 +228,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "seconds-client-max": max((u.seconds for u in result.updates), default=0.0),
             "seconds-clients": sum(u.seconds for u in result.updates),  # local training, summed
             "seconds-handlers": sum(u.handler_seconds for u in result.updates),
-            "seconds-aggregate": t_agg - t_train,
-            "seconds-eval": t_end - t_agg,
+            "seconds-aggregate": t_agg - t_train + (t_end - t_eval),
+            "seconds-eval": t_eval - t_agg,
+            **({"metrics-after-switch": switch_metrics} if switch_metrics else {}),
             **({"nodes": node_changes} if node_changes else {}),
             **({"drift": drifted} if drifted else {}),
             **extra,
@@ -226,6 +246,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             config=cfg.to_dict(), seconds=before + time.perf_counter() - started))
         if on_round is not None:
             on_round(record)
+        check_progress(cfg, server_round, result, failed_in_a_row)  # after the round is logged
 
     log.save_state("final_state.safetensors", global_state)
     summary = summarize(cfg, runtime, history, global_state, anchor)
@@ -240,6 +261,42 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     })
     log.write_json("summary.json", summary)
     return summary
+
+
+def evaluate_global(cfg: RunConfig, runtime: Runtime) -> dict[str, float]:
+    """The global model's test metrics (and ``valid-*`` ones when a validation split exists)."""
+    metrics = runtime.evaluate("test")
+    if cfg.valid_fraction > 0:  # the split learning rates are chosen on
+        metrics.update({f"valid-{k}": v for k, v in runtime.evaluate("valid").items()})
+    return metrics
+
+
+def check_progress(cfg: RunConfig, server_round: int, result: RoundResult,
+                   failed_in_a_row: int) -> None:
+    """Stop a run that cannot learn: raise ``RunFailedError`` when every client sampled in every
+    attempt of a skipped round failed with an error (not a time-out, not a rejected update; the
+    same error would come back in every later round), or after ``max-failed-rounds`` rounds in a
+    row without a valid update."""
+    if result.updates:
+        return
+    errors = [f for f in result.failures if f.get("kind") == "error"]
+    if errors and len(errors) == len(result.failures) and not result.rejected:
+        raise RunFailedError(
+            f"round {server_round}: every sampled client failed ({len(errors)} failures in "
+            f"{result.attempts} attempt(s)), so the run cannot learn anything; the clients' "
+            f"error: {error_summary(errors[0]['reason'])}")
+    if cfg.max_failed_rounds and failed_in_a_row >= cfg.max_failed_rounds:
+        reasons = [f["reason"] for f in result.failures] + [r["reason"] for r in result.rejected]
+        raise RunFailedError(
+            f"no valid update for {failed_in_a_row} rounds in a row (max-failed-rounds="
+            f"{cfg.max_failed_rounds}), up to round {server_round}; last reason: "
+            f"{error_summary(reasons[0]) if reasons else 'none logged'} (see rounds.jsonl)")
+
+
+def error_summary(reason: str) -> str:
+    """The last informative line of a client's error (Flower passes whole tracebacks)."""
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
 
 
 def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Generator,
@@ -260,7 +317,7 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
         for pid in sampled:
             node = nodes.node(pid)
             if node is None:
-                result.failures.append({"client": pid, "attempt": attempt,
+                result.failures.append({"client": pid, "attempt": attempt, "kind": "no-node",
                                         "reason": "no live node holds this partition"})
                 continue
             content = RecordDict({"arrays": arrays,
@@ -274,12 +331,13 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             targets.append(pid)
         replies, unanswered = exchange(grid, messages, cfg.round_timeout or None)
         for i in unanswered:
-            result.failures.append({"client": targets[i], "attempt": attempt, "reason":
-                                    f"no reply within round-timeout={cfg.round_timeout:g} s"})
+            result.failures.append({"client": targets[i], "attempt": attempt, "kind": "timeout",
+                                    "reason": f"no reply within round-timeout="
+                                              f"{cfg.round_timeout:g} s"})
         for i in sorted(replies):  # partition order: the same sums in every run
             reply, pid = replies.pop(i), targets[i]  # each reply is dropped once read
             if reply.has_error():
-                result.failures.append({"client": pid, "attempt": attempt,
+                result.failures.append({"client": pid, "attempt": attempt, "kind": "error",
                                         "reason": reply.error.reason})
                 continue
             if anchor_record is not None:
@@ -364,12 +422,21 @@ def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],
 
 def make_server_app(cfg: RunConfig, log: RunLog,
                     on_round: Callable[[Record], None] | None = None,
-                    runtime: Runtime | None = None, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (simulation: ``context.run_config`` is empty there)."""
+                    runtime: Runtime | None = None, resume: bool = False,
+                    failure: list[BaseException] | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (simulation: ``context.run_config`` is empty there).
+
+    ``failure``: an exception that ends the run is appended there before Flower sees it (Flower's
+    simulation logs it and returns normally), so the caller can report it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, log, on_round, runtime=runtime, resume=resume)
+        try:
+            run_server(grid, cfg, log, on_round, runtime=runtime, resume=resume)
+        except BaseException as err:
+            if failure is not None:
+                failure.append(err)
+            raise
 
     return app

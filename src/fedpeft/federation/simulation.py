@@ -18,6 +18,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ..config import RunConfig  # noqa: E402
+from ..errors import RunFailedError  # noqa: E402
 from .client_app import app as client_app  # noqa: E402
 from .server_app import make_server_app, open_run  # noqa: E402
 
@@ -49,8 +50,9 @@ def simulate(cfg: RunConfig, overwrite: bool = False,
     log, runtime, finished = open_run(cfg, overwrite=overwrite, resume=resume)
     if finished is not None:
         return finished
+    failure: list[BaseException] = []
     server_app = make_server_app(cfg, log, on_round=_progress(cfg, on_round), runtime=runtime,
-                                 resume=resume)
+                                 resume=resume, failure=failure)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     try:
         run_simulation(server_app=server_app, client_app=client_app,
@@ -58,9 +60,12 @@ def simulate(cfg: RunConfig, overwrite: bool = False,
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    if failure:  # the server stopped the run (e.g. every client failed): say why
+        raise failure[0]
     summary_file = log.path / "summary.json"
     if not summary_file.exists():
-        raise RuntimeError(f"the simulation ended without a summary; see {log.path}/rounds.jsonl")
+        raise RunFailedError(f"the simulation ended without a summary (Flower's log above says "
+                             f"why); finished rounds are in {log.path}/rounds.jsonl")
     import json
 
     return json.loads(summary_file.read_text())
