@@ -38,7 +38,7 @@ WORK=$(cd "$WORK" && pwd)
 export PATH="$VENV_BIN:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+# The Hugging Face hub is left to the caller's environment (the bundled model needs none).
 export TOKENIZERS_PARALLELISM=false
 # SuperExec looks for new tasks every 1 s by default; a round waits for that twice.
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}

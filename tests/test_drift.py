@@ -1,4 +1,5 @@
-"""Drift metrics (DoRA definitions, FeDeRA §4.2) on hand-computed 2x2 and 3x2 cases."""
+"""Drift metrics (DoRA definitions as PEFT implements them, FeDeRA §4.2) on hand-computed 2x2
+and 2x3 cases: one norm per output feature, i.e. per row of the (out, in) matrix."""
 
 import json
 
@@ -11,34 +12,50 @@ from fedpeft.drift import (DriftTracker, direction, direction_variation, magnitu
 KEY = "base_model.model.bert.encoder.layer.{}.attention.self.{}.lora_{}.default.weight"
 
 
-def test_magnitude_and_direction_are_column_wise():
-    m = np.array([[3.0, 0.0], [4.0, 2.0]])
-    assert magnitude(m).tolist() == [5.0, 2.0]
-    np.testing.assert_allclose(direction(m), [[0.6, 0.0], [0.8, 1.0]])
-    # A zero column has no direction: it stays zero rather than becoming NaN.
+def test_magnitude_and_direction_are_row_wise():
+    m = np.array([[3.0, 4.0], [0.0, 2.0]])  # (out=2, in=2)
+    assert magnitude(m).tolist() == [5.0, 2.0]  # one per output feature (row)
+    np.testing.assert_allclose(direction(m), [[0.6, 0.8], [0.0, 1.0]])
+    # A zero row has no direction: it stays zero rather than becoming NaN.
     np.testing.assert_array_equal(direction(np.zeros((2, 2))), np.zeros((2, 2)))
+    np.testing.assert_array_equal(direction(np.array([[0.0, 0.0], [0.0, 2.0]])),
+                                  [[0.0, 0.0], [0.0, 1.0]])
+
+
+def test_magnitude_is_peft_dora_weight_norm():
+    """PEFT's DoRA: ``DoraLinearLayer.get_weight_norm`` = ``norm(W + s*BA, dim=1)`` on the
+    (out, in) weight, one norm per output feature; a (5, 3) matrix has 5 of them."""
+    torch = pytest.importorskip("torch")
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    w = np.random.default_rng(0).normal(size=(5, 3))
+    expected = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm(
+        torch.from_numpy(w), torch.zeros(5, 3, dtype=torch.float64), scaling=1.0)
+    assert magnitude(w).shape == (5,)
+    np.testing.assert_allclose(magnitude(w), expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(direction(w), axis=1), np.ones(5))
 
 
 def test_variations_2x2_by_hand():
-    before = np.eye(2)  # norms [1, 1]; directions e1, e2
-    after = np.array([[3.0, 0.0], [4.0, 2.0]])  # norms [5, 2]; directions (.6, .8), e2
+    before = np.eye(2)  # row norms [1, 1]; directions e1, e2
+    after = np.array([[3.0, 4.0], [0.0, 2.0]])  # row norms [5, 2]; directions (.6, .8), e2
     assert magnitude_variation(before, after) == pytest.approx((4 + 1) / 2)
-    # cos = 0.6 for column 0 and 1 for column 1 -> mean(0.4, 0) = 0.2
+    # cos = 0.6 for row 0 and 1 for row 1 -> mean(0.4, 0) = 0.2
     assert direction_variation(before, after) == pytest.approx(0.2)
 
 
-def test_variations_3x2_by_hand():
-    before = np.array([[1.0, 2.0], [2.0, 0.0], [2.0, 0.0]])  # norms [3, 2]
-    after = np.array([[2.0, 0.0], [4.0, 0.0], [4.0, -3.0]])  # norms [6, 3]
+def test_variations_2x3_by_hand():
+    before = np.array([[1.0, 2.0, 2.0], [2.0, 0.0, 0.0]])  # row norms [3, 2]
+    after = np.array([[2.0, 4.0, 4.0], [0.0, 0.0, -3.0]])  # row norms [6, 3]
     assert magnitude_variation(before, after) == pytest.approx((3 + 1) / 2)
-    # column 0: same direction (cos 1); column 1: orthogonal (cos 0) -> mean(0, 1) = 0.5
+    # row 0: same direction (cos 1); row 1: orthogonal (cos 0) -> mean(0, 1) = 0.5
     assert direction_variation(before, after) == pytest.approx(0.5)
 
 
-def test_zero_columns_are_skipped_in_direction():
-    before = np.array([[0.0, 1.0], [0.0, 0.0]])  # column 0 is zero (FedLR's B at init)
-    after = np.array([[1.0, -1.0], [1.0, 0.0]])
-    assert direction_variation(before, after) == pytest.approx(2.0)  # only column 1: 1 - (-1)
+def test_zero_rows_are_skipped_in_direction():
+    before = np.array([[0.0, 0.0], [1.0, 0.0]])  # row 0 is zero (FedLR's B at init)
+    after = np.array([[1.0, 1.0], [-1.0, 0.0]])
+    assert direction_variation(before, after) == pytest.approx(2.0)  # only row 1: 1 - (-1)
     assert direction_variation(np.zeros((2, 2)), after) is None
     assert magnitude_variation(np.zeros((2, 2)), after) == pytest.approx((np.sqrt(2) + 1) / 2)
 
@@ -70,11 +87,11 @@ def states(*ab_pairs):
 
 def test_tracker_weights_between_successive_global_states():
     s0, s1 = states((np.eye(2), np.zeros((2, 2))),
-                    (np.array([[3.0, 0.0], [4.0, 2.0]]), np.array([[0.0, 1.0], [2.0, 0.0]])))
+                    (np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([[0.0, 2.0], [1.0, 0.0]])))
     tracker = DriftTracker()
     assert tracker.observe(s0) is None  # no previous round yet
     record = tracker.observe(s1)
-    assert record["between"] == "weights"
+    assert record["between"] == "weights" and record["norms"] == "rows"
     a = record["layers"]["0"]["query"]["A"]
     assert a == {"magnitude": pytest.approx(2.5), "direction": pytest.approx(0.2)}
     b = record["layers"]["0"]["query"]["B"]
@@ -87,7 +104,7 @@ def test_tracker_weights_between_successive_global_states():
 def test_tracker_updates_between_successive_global_updates():
     a0 = np.eye(2)
     a1 = a0 + np.eye(2)  # dA_1 = I: norms [1, 1]
-    a2 = a1 + np.array([[3.0, 0.0], [4.0, 2.0]])  # dA_2: norms [5, 2]
+    a2 = a1 + np.array([[3.0, 4.0], [0.0, 2.0]])  # dA_2: row norms [5, 2]
     b = np.ones((2, 2))  # B never moves: its updates are zero, no direction
     tracker = DriftTracker(between="updates")
     s0, s1, s2 = states((a0, b), (a1, b), (a2, b))

@@ -2,17 +2,28 @@
 
 FeDeRA (Yan et al., 2024, arXiv 2404.18848, §4.2, Fig. 3/4) explains why an SVD-initialised
 adapter copes better with non-IID clients by how much the global A and B matrices move from one
-round to the next, split DoRA-style (Liu et al., 2024, §3) into a magnitude and a direction:
+round to the next, split DoRA-style (Liu et al., 2024, §3) into a magnitude and a direction.
+Matrices are taken as stored, in PyTorch's (out, in) layout, and the norms follow DoRA as PEFT
+implements it (``peft.tuners.lora.dora.DoraLinearLayer.get_weight_norm``:
+``torch.linalg.norm(weight, dim=1)``): **one norm per output feature**, i.e. per row. (The
+paper calls them the column-wise norms ``||W||_c`` in its own notation for W; PEFT's code,
+which we follow, takes them along dim 1 of the (out, in) weight.)
 
-- magnitude of M (d_out, d_in): the column-wise L2 norms ``||M||_c`` (d_in,);
-- direction of M: the column-normalised matrix ``M / ||M||_c``;
-- magnitude variation between M and M': ``mean_n |m_n - m'_n|`` over the d_in columns;
-- direction variation: ``mean_n (1 - cos(M[:, n], M'[:, n]))`` over the columns whose norm is
-  non-zero in both (a zero column, e.g. FedLR's B at init, has no direction); ``None`` when no
-  column qualifies.
+- magnitude of M (d_out, d_in): the row-wise L2 norms ``m_i = ||M[i, :]||`` (d_out,);
+- direction of M: the row-normalised matrix ``M / m[:, None]``;
+- magnitude variation between M and M': ``mean_i |m_i - m'_i|`` over the d_out rows;
+- direction variation: ``mean_i (1 - cos(M[i, :], M'[i, :]))`` over the rows whose norm is
+  non-zero in both (a zero row, e.g. of FedLR's B at init, has no direction); ``None`` when no
+  row qualifies.
 
-Matrices are taken as stored (PyTorch's (out, in) layout): A is (r, d_in), so its columns are
-the r-vectors seen by each input feature; B is (d_out, r), one column per rank component.
+So A (r, d_in) gets one norm per rank component (its row: the d_in-vector that component reads
+from the input) and B (d_out, r) one per output feature of the adapted layer (an r-vector): the
+per-output-feature convention DoRA applies to W + s·B·A, applied to each factor.
+
+Records logged before this convention (fedpeft's drift records without ``"norms"``) took one
+norm per *input* feature (the columns of the (out, in) matrix: per input feature of A, per rank
+component of B). Their values are not comparable with records carrying ``"norms": "rows"`` and
+cannot be recomputed from a run's log (it holds the drift, not every round's global state).
 
 What is compared (``between``):
 - ``"weights"`` (default): successive global matrices, M_{t-1} -> M_t. This is DoRA's analysis
@@ -38,35 +49,37 @@ import numpy as np
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 _LORA = re.compile(r"(?:^|\.)([^.]+)\.lora_([AB])(?:\.|$)")
 BETWEEN = ("weights", "updates")
+NORMS = "rows"  # the record's "norms": one norm per output feature (row of the (out, in) matrix)
 
 
 def magnitude(matrix: np.ndarray) -> np.ndarray:
-    """Column-wise L2 norms of a (d_out, d_in) matrix, shape (d_in,)."""
-    return np.linalg.norm(np.asarray(matrix, dtype=np.float64), axis=0)
+    """Row-wise L2 norms of a (d_out, d_in) matrix, shape (d_out,): one per output feature, as
+    PEFT's DoRA (``weight.norm(p=2, dim=1)``)."""
+    return np.linalg.norm(np.asarray(matrix, dtype=np.float64), axis=1)
 
 
 def direction(matrix: np.ndarray) -> np.ndarray:
-    """The column-normalised matrix ``M / ||M||_c``; zero columns stay zero."""
+    """The row-normalised matrix ``M / m[:, None]``; zero rows stay zero."""
     m = np.asarray(matrix, dtype=np.float64)
-    norms = magnitude(m)
+    norms = magnitude(m)[:, None]  # (d_out, 1)
     return np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
 
 
 def magnitude_variation(before: np.ndarray, after: np.ndarray) -> float:
-    """Mean absolute difference of the column norms of two matrices of the same shape."""
+    """Mean absolute difference of the row norms of two matrices of the same shape."""
     _check_shapes(before, after)
     return float(np.mean(np.abs(magnitude(after) - magnitude(before))))
 
 
 def direction_variation(before: np.ndarray, after: np.ndarray) -> float | None:
-    """Mean over columns of ``1 - cos`` between matching columns; columns that are zero in
-    either matrix are skipped; None if every column is zero in one of them."""
+    """Mean over rows of ``1 - cos`` between matching rows; rows that are zero in either
+    matrix are skipped; None if every row is zero in one of them."""
     _check_shapes(before, after)
     d0, d1 = direction(before), direction(after)
-    valid = (magnitude(before) > 0) & (magnitude(after) > 0)  # (d_in,)
+    valid = (magnitude(before) > 0) & (magnitude(after) > 0)  # (d_out,)
     if not valid.any():
         return None
-    cosine = np.sum(d0 * d1, axis=0)[valid]  # (valid columns,)
+    cosine = np.sum(d0 * d1, axis=1)[valid]  # (valid rows,)
     return float(np.mean(1.0 - np.clip(cosine, -1.0, 1.0)))
 
 
@@ -118,11 +131,13 @@ class DriftTracker:
     def observe(self, state: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
         """Record drift from the previous call to this one; None while history is too short.
 
-        Returns ``{"between": "weights"|"updates",
+        Returns ``{"between": "weights"|"updates", "norms": "rows",
         "mean": {"A": {"magnitude": x, "direction": y}, "B": {...}},
         "layers": {"<layer>": {"<module>": {"A": {"magnitude": x, "direction": y}, "B": ...}}}}``
         where ``mean`` is the unweighted mean over every tracked matrix of that kind, values are
         rounded to ``digits`` significant digits, and a direction is None when undefined.
+        ``"norms": "rows"`` marks the per-output-feature convention (records without it were
+        logged with one norm per input feature; see the module docstring).
         """
         current = {k: np.array(v, dtype=np.float64) for k, v in state.items()
                    if parse_lora_key(k) is not None}
@@ -154,8 +169,8 @@ class DriftTracker:
         mean = {factor: {name: self._round(float(np.mean(vs))) if vs else None
                          for name, vs in by_name.items()}
                 for factor, by_name in sorted(pooled.items())}
-        ordered = dict(sorted(layers.items(), key=lambda kv: _layer_order(kv[0])))
-        return {"between": self.between, "mean": mean, "layers": ordered}
+        ordered = dict(sorted(layers.items(), key=lambda kv: layer_order(kv[0])))
+        return {"between": self.between, "norms": NORMS, "mean": mean, "layers": ordered}
 
     def _round(self, value: float | None) -> float | None:
         if value is None or not math.isfinite(value):
@@ -163,7 +178,8 @@ class DriftTracker:
         return float(f"{value:.{self.digits}g}")
 
 
-def _layer_order(layer: str) -> tuple[int, int | str]:
+def layer_order(layer: str) -> tuple[int, int | str]:
+    """Sort key of a layer name: numbered layers by number, then the others by name."""
     return (0, int(layer)) if layer.isdigit() else (1, layer)
 
 

@@ -10,190 +10,35 @@ reported as mean ± sample standard deviation over its seeds. Groups that differ
 and carry a final validation metric keep the rate with the best mean validation metric (the
 paper picks each method's best rate; the test set never takes part in the choice).
 
-``build_report`` writes ``REPORT.md``: the tables of ``fedpeft.report_tables`` (FeDeRA Table 2:
-metric at chosen rounds and final; Table 5: rounds and modelled wall time to 90/95/99% of a
-target; drift), the figures of ``fedpeft.report_plots`` (metric vs round and vs bytes, client
-partitions, drift) and the list of runs read. Definitions: ``docs/reports.md``.
+Runs and groups: ``fedpeft.report_model`` (re-exported here). ``build_report`` writes
+``REPORT.md``: the tables of ``fedpeft.report_tables`` (FeDeRA Table 2: metric at chosen rounds
+and final; Table 5: rounds and modelled wall time to 90/95/99% of a target; drift), the figures
+of ``fedpeft.report_plots`` (metric vs round and vs bytes, client partitions, drift) and the
+list of runs read. Definitions: ``docs/reports.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import tomllib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
+from . import report_plots
+from . import report_tables as tables
+from .partition import mean_pairwise_js
+from .report_model import (DEFAULTS, LABEL_HIDDEN, NOT_RESULTS, PAPER_ORDER, Group, Run,
+                           find_runs, group_runs, load_run, truncate, varying_settings)
 
-# Settings that do not change a run's results: runs differing only in these (and seed) are seeds
-# of one group.
-NOT_RESULTS = {"seed", "out", "device", "threads", "sim-workers", "progress", "data-dir"}
-LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, not in labels
 SWEEP_FIGURES = {"alpha": "Fig. 5", "lora-rank": "Fig. 6", "adapter-reduction": "Fig. 6"}
-PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
-# Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).
-DEFAULTS = {f.name.replace("_", "-"): f.default_factory() if f.default is dataclasses.MISSING
-            and f.default_factory is not dataclasses.MISSING else f.default
-            for f in dataclasses.fields(RunConfig)}
 
-
-@dataclass
-class Run:
-    """One run folder, read as is (an unfinished run has no ``summary``)."""
-
-    path: Path
-    config: dict[str, Any]  # config.toml, unset keys filled with RunConfig defaults
-    rounds: list[dict[str, Any]]  # rounds.jsonl, in order
-    summary: dict[str, Any] | None = None
-    partition: dict[str, Any] | None = None
-
-    @property
-    def method(self) -> str:
-        return str(self.config.get("method", "?"))
-
-    @property
-    def task(self) -> str:
-        return str(self.config.get("task", "?"))
-
-    @property
-    def lr(self) -> float | None:
-        lr = self.summary.get("lr") if self.summary else self.config.get("lr")
-        if lr is None and not self.summary:  # unfinished, method default: the one it uses
-            from .methods import METHODS
-            from .tasks import TASKS
-
-            method, task = METHODS.get(self.method), TASKS.get(self.task)
-            if method is not None and task is not None:
-                lr = method(RunConfig(method=self.method), task.peft_task_type).lr
-        return None if lr is None else float(lr)
-
-    def metric(self) -> str:
-        """The task's headline metric: ``summary.json``'s, else read off the evaluations."""
-        if self.summary and self.summary.get("metric"):
-            return str(self.summary["metric"])
-        names = [k for r in self.rounds for k in r.get("metrics", {}) if not k.startswith("valid-")]
-        return "accuracy" if "accuracy" in names or not names else names[0]
-
-    def series(self, metric: str) -> list[tuple[int, float]]:
-        """(round, value) of every evaluated round that logged ``metric``."""
-        return [(int(r["round"]), float(r["metrics"][metric])) for r in self.rounds
-                if r.get("metrics", {}).get(metric) is not None]
-
-    def final(self, metric: str) -> float | None:
-        values = self.series(metric)
-        return values[-1][1] if values else None
-
-
-@dataclass
-class Group:
-    """Runs of one configuration over seeds; ``label`` names it in tables and plots."""
-
-    key: tuple[tuple[str, Any], ...]
-    runs: list[Run]
-    label: str = ""
-    lr_note: str = ""  # "chosen on valid from 3" after a learning-rate choice
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def method(self) -> str:
-        return self.runs[0].method
-
-
-def find_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every run folder at or below ``paths`` (a run folder holds ``config.toml``)."""
-    runs, seen = [], set()
-    for path in map(Path, paths):
-        if not path.exists():
-            raise ValueError(f"{path}: no such folder")
-        folders = [path] if (path / "config.toml").exists() else sorted(
-            p.parent for p in path.rglob("config.toml"))
-        for folder in folders:
-            if folder.resolve() not in seen:
-                seen.add(folder.resolve())
-                runs.append(load_run(folder))
-    return runs
-
-
-def load_run(path: Path) -> Run:
-    config = {**DEFAULTS, **tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))}
-    rounds = []
-    file = path / "rounds.jsonl"
-    if file.exists():
-        for line in file.read_text(encoding="utf-8").splitlines():
-            try:
-                rounds.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a run killed mid-write leaves at most one broken last line
-    return Run(path, config, rounds, _json(path / "summary.json"), _json(path / "partition.json"))
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Seed groups, learning rates chosen on validation where possible, labelled and ordered."""
-    groups: dict[tuple[tuple[str, Any], ...], Group] = {}
-    for run in runs:
-        settings = {k: v for k, v in run.config.items() if k not in NOT_RESULTS}
-        settings["lr"] = run.lr  # the rate actually used (the method default when unset)
-        key = tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
-        groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
-    kept = _choose_learning_rates(list(groups.values()))
-    varying = varying_settings(kept)
-    for g in kept:
-        g.label = " ".join([g.method, *(f"{k}={_fmt_setting(g.settings[k])}" for k in varying)])
-    labels = [g.label for g in kept]
-    for g in kept:  # same label = rates kept side by side: say which is which
-        if labels.count(g.label) > 1:
-            g.label += f" lr={_fmt_setting(g.settings['lr'])}"
-    from .report_tables import setting_order
-
-    order = list(dict.fromkeys([*PAPER_ORDER, *(r.method for r in runs)]))
-    return sorted(kept, key=lambda g: (order.index(g.method),
-                                       [setting_order(g.settings.get(k)) for k in varying],
-                                       g.label))
-
-
-def varying_settings(groups: Sequence[Group]) -> list[str]:
-    """The settings (other than method, lr, task, valid-fraction) whose value differs between
-    ``groups``: what a comparison or sweep varies."""
-    return sorted({k for g in groups for k in g.settings if k not in LABEL_HIDDEN
-                   and len({_hashable(h.settings.get(k)) for h in groups}) > 1})
-
-
-def _choose_learning_rates(groups: list[Group]) -> list[Group]:
-    """Among groups that differ only in ``lr``, keep the best final ``valid-<metric>`` (mean
-    over seeds) once every run has finished with one; until then keep them all."""
-    families: dict[tuple, list[Group]] = {}
-    for g in groups:
-        families.setdefault(tuple(kv for kv in g.key if kv[0] != "lr"), []).append(g)
-    kept = []
-    for family in families.values():
-        metric = family[0].runs[0].metric()
-        scores = [[r.final(f"valid-{metric}") for r in g.runs] for g in family]
-        unfinished = any(r.summary is None for g in family for r in g.runs)
-        if len(family) == 1 or unfinished or any(s is None for ss in scores for s in ss):
-            kept.extend(family)
-            continue
-        best = max(range(len(family)), key=lambda i: float(np.mean(scores[i])))
-        family[best].lr_note = f"chosen on valid-{metric} from {len(family)}"
-        kept.append(family[best])
-    return kept
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _fmt_setting(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+# The runs and groups live in ``fedpeft.report_model``; these names stay importable from here.
+__all__ = ["DEFAULTS", "LABEL_HIDDEN", "NOT_RESULTS", "PAPER_ORDER", "SWEEP_FIGURES", "Group",
+           "Run", "build_report", "find_runs", "group_runs", "load_run", "parse_rounds",
+           "report_command", "truncate", "varying_settings"]
 
 
 def parse_rounds(text: str | None) -> list[int] | None:
@@ -257,20 +102,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
     return report
 
 
-def truncate(run: Run, up_to: int) -> Run:
-    """``run`` as it stood after round ``up_to`` (``rounds`` setting capped at ``up_to``)."""
-    if up_to < 1:
-        raise ValueError(f"--up-to must be a round number >= 1, got {up_to}")
-    config = {**run.config, "rounds": min(int(run.config.get("rounds", up_to)), up_to)}
-    rounds = [r for r in run.rounds if int(r["round"]) <= up_to]
-    return dataclasses.replace(run, config=config, rounds=rounds)
-
-
 def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: bool,
                   target: float | None, bandwidth_mbit: float, rounds: Sequence[int] | None,
                   metric: str | None) -> list[str]:
-    from . import report_tables as tables
-
     metric = metric or runs[0].metric()
     groups = group_runs(runs)
     at = list(rounds) if rounds else tables.default_rounds(runs, metric)
@@ -281,11 +115,10 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
              "run). `rounds`: rounds logged (`done/planned` while a run is unfinished).", "",
              tables.results_table(groups, metric, at), ""]
     if plots:
-        from .report_plots import plot_metric
-
         for x, name in (("round", "round"), ("bytes", "bytes")):
             file = f"{prefix}{metric}-vs-{name}.png"
-            plot_metric(groups, metric, folder / file, x=x, title=f"{task}: {metric} vs {name}")
+            report_plots.plot_metric(groups, metric, folder / file, x=x,
+                                     title=f"{task}: {metric} vs {name}")
             lines += [f"![{metric} vs {name}]({file})", ""]
     lines += _sweep_section(task, groups, metric, folder, prefix, plots)
     goal: float | None = None
@@ -301,9 +134,10 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
         lines += [f"Target {metric} = {goal:.4f} ({origin}). Rounds and modelled wall time until "
                   "the first evaluation at or above 90/95/99% of it; `-`: never reached, `(k/n)`: "
                   "reached by k of n seeds (mean over those). Modelled time = one-off + per round "
-                  "(slowest client's measured local training + one client's bytes down and up at "
-                  f"{bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for FeDeRA/SLoRA "
-                  "(`seconds-svd` of the summary; runs older than that field: `(setup)` = "
+                  "(slowest client's measured local training + the round's bytes down and up per "
+                  "successful client, every attempt of a retried round included, as in `MB / "
+                  f"client-round`, at {bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for "
+                  "FeDeRA/SLoRA (`seconds-svd` of the summary; runs older than that field: `(setup)` = "
                   "FeDeRA's whole server set-up, `(aggregate)` = SLoRA's slowest aggregation, "
                   "upper bounds).", "",
                   tables.time_to_target_table(groups, metric, goal, bandwidth_mbit), ""]
@@ -320,16 +154,23 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
                   timing, ""]
     drifting = [g for g in groups if any(r.get("drift") for run in g.runs for r in run.rounds)]
     if drifting:
+        old = any(tables.drift_norms(d) != "rows" for g in drifting for run in g.runs
+                  for _, d in tables.drift_records(run))
         lines += [f"## {task}: drift of the LoRA factors (FeDeRA §4.2, Fig. 3/4)", "",
-                  "Magnitude variation (mean |change| of column norms) and direction variation "
-                  "(mean 1 - cosine of columns) of the global A and B matrices between "
-                  "successive rounds, averaged over layers, modules, rounds and seeds.", "",
-                  tables.drift_table(drifting), ""]
+                  "Magnitude variation (mean |change| of the norms) and direction variation "
+                  "(mean 1 - cosine of the normalised vectors) of the global A and B matrices "
+                  "between successive rounds, averaged over layers, modules, rounds and seeds. "
+                  "`norms`: `rows` = one norm per output feature of the (out, in) matrix, DoRA's "
+                  "convention as PEFT implements it (`fedpeft.drift`)."
+                  + (" `columns` = one norm per input feature (per input feature of A, per rank "
+                     "component of B): how fedpeft measured drift before it took PEFT's "
+                     "convention. These records were logged that way during the runs; the logs "
+                     "hold the drift, not each round's global state, so they cannot be "
+                     "recomputed. Compare `columns` numbers only with each other." if old else ""),
+                  "", tables.drift_table(drifting), ""]
         if plots:
-            from .report_plots import plot_drift, plot_drift_layers
-
-            plot_drift(drifting, folder / f"{prefix}drift.png")
-            plot_drift_layers(drifting, folder / f"{prefix}drift-layers.png")
+            report_plots.plot_drift(drifting, folder / f"{prefix}drift.png")
+            report_plots.plot_drift_layers(drifting, folder / f"{prefix}drift-layers.png")
             lines += [f"![drift per round]({prefix}drift.png)", "",
                       f"![drift per layer]({prefix}drift-layers.png)", ""]
     return lines
@@ -340,8 +181,6 @@ def _sweep_section(task: str, groups: list[Group], metric: str, folder: Path, pr
     """Final metric per method against the settings the groups vary (FeDeRA Fig. 5: alpha;
     Fig. 6: trainable budget; or any other compared setting); nothing when only the method
     varies."""
-    from . import report_tables as tables
-
     swept = varying_settings(groups)
     if not swept:
         return []
@@ -354,11 +193,10 @@ def _sweep_section(task: str, groups: list[Group], metric: str, folder: Path, pr
              "method, in column order.", "",
              tables.sweep_table(groups, metric, swept), ""]
     if plots:
-        from .report_plots import plot_sweep
-
         file = f"{prefix}{metric}-vs-{'-'.join(swept)}.png"
-        if plot_sweep(groups, metric, swept, folder / file,
-                      title=f"{task}: final {metric} vs {', '.join(swept)}") is not None:
+        if report_plots.plot_sweep(groups, metric, swept, folder / file,
+                                   title=f"{task}: final {metric} vs {', '.join(swept)}"
+                                   ) is not None:
             lines += [f"![final {metric} vs {', '.join(swept)}]({file})", ""]
     return lines
 
@@ -373,8 +211,6 @@ def _heterogeneity_section(runs: list[Run], folder: Path, plots: bool) -> list[s
             distinct.setdefault(key, (run.partition, []))[1].append(run)
     if not distinct:
         return []
-    from .partition import mean_pairwise_js
-
     lines = ["## Heterogeneity of the client partitions (FeDeRA Fig. 7)", "",
              "Dirichlet label skew (smaller alpha = more skewed). JS: Jensen-Shannon divergence "
              "(base 2, 0 = same label mix, 1 = disjoint) between two clients' class "
@@ -391,11 +227,9 @@ def _heterogeneity_section(runs: list[Run], folder: Path, plots: bool) -> list[s
                      f"{part.get('seed')} | {int(hist.sum()):,} | {js:.4f} | "
                      f"{', '.join(sorted({r.path.name for r in members}))} |")
         if plots:
-            from .report_plots import plot_partition
-
             title = (f"{members[0].task}: {len(hist)} clients, alpha={part.get('alpha')}, "
                      f"seed {part.get('seed')}, mean pairwise JS {js:.3f}")
-            plot_partition(part, folder / name, title)
+            report_plots.plot_partition(part, folder / name, title)
             figures.append(name)
     lines.append("")
     for name in figures:
@@ -416,7 +250,7 @@ def _runs_section(runs: list[Run]) -> list[str]:
         minutes = (summary.get("seconds") if finished else None) or sum(
             r.get("seconds", 0) for r in run.rounds)
         lines.append(f"| `{_display(run.path)}` | {run.task} | {run.method} | "
-                     f"{run.config.get('seed')} | {'-' if run.lr is None else f'{run.lr:g}'} | "
+                     f"{run.config.get('seed')} | {tables.fmt_lr(run.lr)} | "
                      f"{len(run.rounds)}/{run.config.get('rounds')} | "
                      f"{metric} | {'-' if final is None else f'{final:.4f}'} | "
                      f"{'-' if best is None else f'{best:.4f}'} | {minutes / 60:.1f} |")

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .drift import layer_order
 from .partition import js_matrix
-
-if TYPE_CHECKING:
-    from .report import Group, Run
-
-DRIFT_PANELS = [("A", "magnitude"), ("A", "direction"), ("B", "magnitude"), ("B", "direction")]
+from .report_model import Group, Run
+from .report_tables import DRIFT_PANELS, drift_records, mean_std, sweep_rows, trainable_params
 
 
 def pyplot() -> Any:
@@ -102,8 +100,6 @@ def plot_sweep(groups: Sequence[Group], metric: str, swept: Sequence[str], path:
     runs left out) against the trainable parameters when they change along the sweep (FeDeRA
     Fig. 6), else against the first numeric swept setting (Fig. 5: alpha); log x when the
     values span more than 20x. None (nothing drawn) when the sweep has no numeric axis."""
-    from .report_tables import mean_std, sweep_rows, trainable_params
-
     rows = sweep_rows(groups, swept)
     methods = list(dict.fromkeys(g.method for g in groups))
     by_params = any(len({trainable_params(g) for g in groups if g.method == m} - {None}) > 1
@@ -119,7 +115,7 @@ def plot_sweep(groups: Sequence[Group], metric: str, swept: Sequence[str], path:
         points = []
         for values, row in rows:
             g = row.get(method)
-            if g is None or min(len(r.rounds) for r in g.runs) < int(g.settings.get("rounds", 0)):
+            if g is None or g.done < int(g.settings.get("rounds", 0)):
                 continue  # not run, or unfinished
             finals = [r.final(metric) for r in g.runs]
             position = trainable_params(g) if by_params else values[numeric[0]]
@@ -180,11 +176,6 @@ def plot_partition(partition: dict[str, Any], path: Path, title: str = "") -> Pa
     return _save(fig, path)
 
 
-def drift_records(run: Run) -> list[tuple[int, dict[str, Any]]]:
-    """(round, drift record) of every round that logged one."""
-    return [(int(r["round"]), r["drift"]) for r in run.rounds if r.get("drift")]
-
-
 def plot_drift(groups: Sequence[Group], path: Path) -> Path:
     """Mean (over layers and modules) magnitude and direction variation of A and B per round,
     one line per group (mean over seeds at rounds every seed logged)."""
@@ -220,8 +211,7 @@ def plot_drift_layers(groups: Sequence[Group], path: Path) -> Path:
                         for factor, pair in factors.items():
                             for name, v in pair.items():
                                 values.setdefault((layer, factor, name), []).append(_num(v))
-        layers = sorted({k[0] for k in values}, key=lambda s: (not s.isdigit(), int(s)
-                                                              if s.isdigit() else 0, s))
+        layers = sorted({k[0] for k in values}, key=layer_order)
         if not layers:
             continue
         for ax, (factor, name) in zip(axes.flat, DRIFT_PANELS, strict=True):

@@ -1,5 +1,5 @@
-"""The numbers and tables of a report (FeDeRA paper Tables 2 and 5), from ``fedpeft.report``'s
-runs and seed groups.
+"""The numbers and tables of a report (FeDeRA paper Tables 2 and 5), from the runs and seed
+groups of ``fedpeft.report_model``.
 
 - ``results_table``: per group, the metric at chosen rounds and the final metric, mean ± sample
   standard deviation over seeds (Table 2).
@@ -7,31 +7,29 @@ runs and seed groups.
   (Fig. 5: alpha; Fig. 6: trainable budget).
 - ``time_to_target_table``: rounds and modelled wall time to reach 90/95/99% of a target metric
   (Table 5). Modelled time of a round = the slowest sampled client's measured local training
-  (``seconds-client-max``) + one client's payload (bytes down + up) over a ``bandwidth_mbit``
-  link; plus, once, the server's SVD for FeDeRA/SLoRA (``one_off_seconds``). Server
-  aggregation and evaluation are not counted (they do not grow with clients' links).
+  (``seconds-client-max``) + one client's payload over a ``bandwidth_mbit`` link, the payload
+  being the round's bytes down + up (every attempt of a retried round) per successful client,
+  the same per-client-round bytes as Table 2's ``MB / client-round`` (``round_bytes``); plus,
+  once, the server's SVD for FeDeRA/SLoRA (``one_off_seconds``). Server aggregation and
+  evaluation are not counted (they do not grow with clients' links).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .report import Group, Run
+from .report_model import Group, Run, fmt_setting, setting_order
 
 SVD_METHODS = {"federa", "slora"}
 FRACTIONS = (0.90, 0.95, 0.99)
+DRIFT_PANELS = [("A", "magnitude"), ("A", "direction"), ("B", "magnitude"), ("B", "direction")]
 
 
 # --- numbers ----------------------------------------------------------------------------------
-def setting_order(value: Any) -> tuple[int, Any]:
-    """Sort key for a setting's values: numbers by value (4 < 16 < 32), then anything else."""
-    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
-
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof=1; None for a single value)."""
@@ -52,17 +50,30 @@ def value_at(run: Run, metric: str, round_: int) -> float | None:
     return dict(run.series(metric)).get(round_)
 
 
+def round_bytes(record: dict[str, Any]) -> tuple[int, int]:
+    """(bytes down + up, successful clients) of one logged round.
+
+    ``bytes-down``/``bytes-up`` count every message of every attempt of the round (a retried
+    round resends the global state to a new sample), while ``clients`` is the last attempt's
+    sample only and ``successes`` the updates that counted; so bytes are only ever divided by
+    ``successes``: what each client-round that counted cost."""
+    return int(record["bytes-down"]) + int(record["bytes-up"]), int(record["successes"])
+
+
 def bytes_per_client_round(run: Run) -> float:
-    """Bytes down + up per successful client-round, over the logged rounds."""
-    total = sum(r["bytes-down"] + r["bytes-up"] for r in run.rounds)
-    return total / max(1, sum(r["successes"] for r in run.rounds))
+    """Bytes down + up per successful client-round, over the logged rounds (every attempt's
+    traffic included; a skipped round's traffic is charged to the run's other rounds)."""
+    pairs = [round_bytes(r) for r in run.rounds]
+    return sum(b for b, _ in pairs) / max(1, sum(n for _, n in pairs))
 
 
 def round_seconds(record: dict[str, Any], bandwidth_mbit: float) -> tuple[float, float]:
     """Modelled (compute, communication) seconds of one round: the slowest client's measured
-    local training, and one client's payload (its share of bytes down + up) over its link."""
-    payload = (record["bytes-down"] / max(1, len(record["clients"]))
-               + record["bytes-up"] / max(1, record["successes"]))  # bytes per client
+    local training, and one client's payload over its own link, the payload being the round's
+    bytes per successful client (``round_bytes``: Table 2's per-client-round bytes, retries
+    included). A skipped round (no success) spreads its bytes over the clients it sampled."""
+    total, successes = round_bytes(record)
+    payload = total / max(1, successes or len(record["clients"]))  # bytes per client
     return float(record["seconds-client-max"]), payload * 8 / (bandwidth_mbit * 1e6)
 
 
@@ -126,13 +137,11 @@ def results_table(groups: Sequence[Group], metric: str, rounds: Sequence[int]) -
     for g in groups:
         summaries = [r.summary for r in g.runs if r.summary]
         params = f"{summaries[0]['trainable-params']:,}" if summaries else "-"
-        done = min(len(r.rounds) for r in g.runs)
-        planned = int(g.settings.get("rounds", done))
-        lr = "-" if g.settings["lr"] is None else f"{g.settings['lr']:g}"
+        lr = fmt_lr(g.settings["lr"])
         mb = float(np.mean([bytes_per_client_round(r) for r in g.runs])) / 1e6
         lines.append(_row([
             g.label, lr + (f" ({g.lr_note})" if g.lr_note else ""), params, f"{mb:.2f}",
-            str(len(g.runs)), str(done) if done == planned else f"{done}/{planned}",
+            str(len(g.runs)), str(g.done) if g.done == g.planned else f"{g.done}/{g.planned}",
             *(fmt_mean_std([value_at(r, metric, n) for r in g.runs]) for n in rounds),
             fmt_mean_std([r.final(metric) for r in g.runs])]))
     return "\n".join(lines)
@@ -168,7 +177,7 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
                *(f"{m} final {metric}" for m in methods)]
     lines = [_row(columns), _rule(len(columns))]
     for (values, row), counts in zip(rows, params):
-        cells = [_fmt_value(v) for v in values]
+        cells = [fmt_setting(v) for v in values]
         if show_params:
             cells.append(" / ".join("-" if c is None else f"{c:,}" for c in counts))
         for m in methods:
@@ -176,16 +185,10 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
             if g is None:
                 cells.append("")
                 continue
-            done = min(len(r.rounds) for r in g.runs)
-            planned = int(g.settings.get("rounds", done))
-            unfinished = f" (r {done}/{planned})" if done < planned else ""
+            unfinished = f" (r {g.done}/{g.planned})" if g.done < g.planned else ""
             cells.append(fmt_mean_std([r.final(metric) for r in g.runs]) + unfinished)
         lines.append(_row(cells))
     return "\n".join(lines)
-
-
-def _fmt_value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def time_to_target_table(groups: Sequence[Group], metric: str, target: float,
@@ -231,6 +234,10 @@ def fmt_duration(seconds: float, std: float | None = None) -> str:
     return text + ("" if std is None or math.isnan(std) else f" ± {std / scale:.1f}") + f" {unit}"
 
 
+def fmt_lr(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
+
+
 def _rule(columns: int) -> str:
     """Markdown header rule: first column left-aligned, the numbers right-aligned."""
     return "|---|" + "---:|" * (columns - 1)
@@ -240,17 +247,31 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def drift_records(run: Run) -> list[tuple[int, dict[str, Any]]]:
+    """(round, drift record) of every round that logged one."""
+    return [(int(r["round"]), r["drift"]) for r in run.rounds if r.get("drift")]
+
+
+def drift_norms(record: dict[str, Any]) -> str:
+    """How a drift record took its norms: ``rows`` (one per output feature, DoRA/PEFT's
+    convention, ``fedpeft.drift``) or ``columns`` (one per input feature: records logged before
+    that convention carry no ``norms`` field)."""
+    return str(record.get("norms", "columns"))
+
+
 def drift_table(groups: Sequence[Group]) -> str:
     """Per group: magnitude and direction variation of A and B (``fedpeft.drift`` records),
-    averaged over layers and modules (the record's ``mean``) and rounds; mean ± std over seeds."""
-    panels = [("A", "magnitude"), ("A", "direction"), ("B", "magnitude"), ("B", "direction")]
-    columns = ["method", "between", "rounds", *(f"{f} {n}" for f, n in panels)]
+    averaged over layers and modules (the record's ``mean``) and rounds; mean ± std over seeds.
+    ``norms``: the records' convention (``drift_norms``)."""
+    columns = ["method", "between", "norms", "rounds", *(f"{f} {n}" for f, n in DRIFT_PANELS)]
     lines = [_row(columns), _rule(len(columns))]
     for g in groups:
-        records = [[rec["drift"] for rec in r.rounds if rec.get("drift")] for r in g.runs]
+        records = [[d for _, d in drift_records(r)] for r in g.runs]
         between = sorted({d.get("between", "weights") for rs in records for d in rs})
-        cells = [g.label, "/".join(between), str(min(len(rs) for rs in records))]
-        for factor, name in panels:
+        norms = sorted({drift_norms(d) for rs in records for d in rs})
+        cells = [g.label, "/".join(between), "/".join(norms),
+                 str(min(len(rs) for rs in records))]
+        for factor, name in DRIFT_PANELS:
             per_seed = []
             for rs in records:
                 values = [v for d in rs if (v := d["mean"].get(factor, {}).get(name)) is not None]

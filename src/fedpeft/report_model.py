@@ -1,0 +1,240 @@
+"""What a report is made of: run folders read as they are (``Run``) and their seed groups
+(``Group``), with the few formatting helpers every report module shares.
+
+``fedpeft.report`` (the markdown), ``fedpeft.report_tables`` (numbers and tables) and
+``fedpeft.report_plots`` (figures) all import from here and never from each other's callers:
+``report_model`` <- ``report_tables`` <- ``report_plots`` <- ``report``, no import circle.
+Definitions: ``docs/reports.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+
+# Settings that do not change a run's results: runs differing only in these (and seed) are seeds
+# of one group.
+NOT_RESULTS = {"seed", "out", "device", "threads", "sim-workers", "progress", "data-dir"}
+LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, not in labels
+PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
+# Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).
+DEFAULTS = {f.name.replace("_", "-"): f.default_factory() if f.default is dataclasses.MISSING
+            and f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(RunConfig)}
+
+
+@dataclass
+class Run:
+    """One run folder, read as is (an unfinished run has no ``summary``)."""
+
+    path: Path
+    config: dict[str, Any]  # config.toml, unset keys filled with RunConfig defaults
+    rounds: list[dict[str, Any]]  # rounds.jsonl, in order
+    summary: dict[str, Any] | None = None
+    partition: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "?"))
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", "?"))
+
+    @property
+    def lr(self) -> float | None:
+        """The method's learning rate, the same while a run is unfinished and once it is done:
+        the ``lr`` setting, else the rate its summary logged, else the method's default.
+
+        For a multi-stage method this is the rate of the ``lr`` setting (SLoRA: stage 2's, the
+        LoRA stage; its sparse stage 1 has its own setting ``slora-stage1-lr``), never the rate
+        of the stage a fresh method object starts in. Summaries written so far log
+        ``runtime.method.lr`` after the last round, which for SLoRA is stage 2's too."""
+        if self.config.get("lr") is not None:
+            return float(self.config["lr"])
+        logged = (self.summary or {}).get("lr")
+        if isinstance(logged, int | float) and not isinstance(logged, bool):
+            return float(logged)
+        return default_lr(self.method, self.task)
+
+    def metric(self) -> str:
+        """The task's headline metric: ``summary.json``'s, else read off the evaluations."""
+        if self.summary and self.summary.get("metric"):
+            return str(self.summary["metric"])
+        names = [k for r in self.rounds for k in r.get("metrics", {}) if not k.startswith("valid-")]
+        return "accuracy" if "accuracy" in names or not names else names[0]
+
+    def series(self, metric: str) -> list[tuple[int, float]]:
+        """(round, value) of every evaluated round that logged ``metric``."""
+        return [(int(r["round"]), float(r["metrics"][metric])) for r in self.rounds
+                if r.get("metrics", {}).get(metric) is not None]
+
+    def final(self, metric: str) -> float | None:
+        values = self.series(metric)
+        return values[-1][1] if values else None
+
+
+def default_lr(method: str, task: str) -> float | None:
+    """The rate ``method`` uses on ``task`` without an ``lr`` setting (None if either is
+    unknown). The base ``Method.lr`` rule (the task kind's or the method's default) rather than
+    a stage-dependent override: SLoRA's default stage-2 rate, not the stage-1 rate its fresh
+    object reports."""
+    from .methods import METHODS
+    from .methods.base import Method
+    from .tasks import TASKS
+
+    cls, task_cls = METHODS.get(method), TASKS.get(task)
+    if cls is None or task_cls is None:
+        return None
+    return float(Method.lr.fget(cls(RunConfig(method=method), task_cls.peft_task_type)))
+
+
+@dataclass
+class Group:
+    """Runs of one configuration over seeds; ``label`` names it in tables and plots."""
+
+    key: tuple[tuple[str, Any], ...]
+    runs: list[Run]
+    label: str = ""
+    lr_note: str = ""  # "chosen on valid from 3" after a learning-rate choice
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def done(self) -> int:
+        """Rounds logged by the group's least advanced seed."""
+        return min(len(r.rounds) for r in self.runs)
+
+    @property
+    def planned(self) -> int:
+        return int(self.settings.get("rounds", self.done))
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run folder at or below ``paths`` (a run folder holds ``config.toml``)."""
+    runs, seen = [], set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"{path}: no such folder")
+        folders = [path] if (path / "config.toml").exists() else sorted(
+            p.parent for p in path.rglob("config.toml"))
+        for folder in folders:
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                runs.append(load_run(folder))
+    return runs
+
+
+def load_run(path: Path) -> Run:
+    """A run folder as it stands (a killed run's half-written last line is dropped)."""
+    config = {**DEFAULTS, **_read(path / "config.toml", tomllib.loads, "TOML")}
+    rounds = []
+    file = path / "rounds.jsonl"
+    if file.exists():
+        for line in _read(file, str.splitlines, "text"):
+            try:
+                rounds.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a run killed mid-write leaves at most one broken last line
+    return Run(path, config, rounds, _json(path / "summary.json"), _json(path / "partition.json"))
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return _read(path, json.loads, "JSON") if path.exists() else None
+
+
+def _read(path: Path, parse: Any, kind: str) -> Any:
+    """``parse`` of a run folder's file; a ``FedpeftError`` naming it if it cannot be read."""
+    from .errors import FedpeftError
+
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # TOML/JSON/UTF-8 errors are ValueErrors
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise FedpeftError(f"{path}: not a readable run folder file (expected {kind}: "
+                           f"{cause})") from None
+
+
+def truncate(run: Run, up_to: int) -> Run:
+    """``run`` as it stood after round ``up_to`` (``rounds`` setting capped at ``up_to``)."""
+    if up_to < 1:
+        raise ValueError(f"--up-to must be a round number >= 1, got {up_to}")
+    config = {**run.config, "rounds": min(int(run.config.get("rounds", up_to)), up_to)}
+    rounds = [r for r in run.rounds if int(r["round"]) <= up_to]
+    return dataclasses.replace(run, config=config, rounds=rounds)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Seed groups, learning rates chosen on validation where possible, labelled and ordered."""
+    groups: dict[tuple[tuple[str, Any], ...], Group] = {}
+    for run in runs:
+        settings = {k: v for k, v in run.config.items() if k not in NOT_RESULTS}
+        settings["lr"] = run.lr  # the rate actually used (the method default when unset)
+        key = tuple(sorted((k, hashable(v)) for k, v in settings.items()))
+        groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
+    kept = _choose_learning_rates(list(groups.values()))
+    varying = varying_settings(kept)
+    for g in kept:
+        g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in varying)])
+    labels = [g.label for g in kept]
+    for g in kept:  # same label = rates kept side by side: say which is which
+        if labels.count(g.label) > 1:
+            g.label += f" lr={fmt_setting(g.settings['lr'])}"
+    order = list(dict.fromkeys([*PAPER_ORDER, *(r.method for r in runs)]))
+    return sorted(kept, key=lambda g: (order.index(g.method),
+                                       [setting_order(g.settings.get(k)) for k in varying],
+                                       g.label))
+
+
+def varying_settings(groups: Sequence[Group]) -> list[str]:
+    """The settings (other than method, lr, task, valid-fraction) whose value differs between
+    ``groups``: what a comparison or sweep varies."""
+    return sorted({k for g in groups for k in g.settings if k not in LABEL_HIDDEN
+                   and len({hashable(h.settings.get(k)) for h in groups}) > 1})
+
+
+def _choose_learning_rates(groups: list[Group]) -> list[Group]:
+    """Among groups that differ only in ``lr``, keep the best final ``valid-<metric>`` (mean
+    over seeds) once every run has finished with one; until then keep them all."""
+    families: dict[tuple, list[Group]] = {}
+    for g in groups:
+        families.setdefault(tuple(kv for kv in g.key if kv[0] != "lr"), []).append(g)
+    kept = []
+    for family in families.values():
+        metric = family[0].runs[0].metric()
+        scores = [[r.final(f"valid-{metric}") for r in g.runs] for g in family]
+        unfinished = any(r.summary is None for g in family for r in g.runs)
+        if len(family) == 1 or unfinished or any(s is None for ss in scores for s in ss):
+            kept.extend(family)
+            continue
+        best = max(range(len(family)), key=lambda i: float(np.mean(scores[i])))
+        family[best].lr_note = f"chosen on valid-{metric} from {len(family)}"
+        kept.append(family[best])
+    return kept
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+def hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def fmt_setting(value: Any) -> str:
+    """A setting's value in labels and table cells: floats by ``:g`` (0.001, 5e-05)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_order(value: Any) -> tuple[int, Any]:
+    """Sort key for a setting's values: numbers by value (4 < 16 < 32), then anything else."""
+    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
