@@ -72,11 +72,28 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str) -> Any:
+    """The model's tokenizer, as saved with it (RoBERTa's byte-level BPE keeps
+    ``add_prefix_space=False`` for raw text; NER adds the prefix space for its pre-split words,
+    see ``tasks.ner.words_tokenizer``).
+
+    A model whose tokenizer is only a SentencePiece file (``spm.model``, no ``tokenizer.json``:
+    DeBERTa-v3 and XLM-R on the hub) is converted by transformers with the ``sentencepiece``
+    package; without it transformers' error speaks of tiktoken, so the cause is named here.
+    """
+    import importlib.util
+
     from transformers import AutoTokenizer
 
     quiet_transformers()
     with model_source(name):
-        return AutoTokenizer.from_pretrained(resolve_model_path(name))
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model_path(name))
+        except ValueError as err:
+            if "tiktoken" in str(err) and importlib.util.find_spec("sentencepiece") is None:
+                raise ValueError("its tokenizer is a SentencePiece model without a "
+                                 "tokenizer.json, and converting it needs `pip install "
+                                 "sentencepiece`") from err
+            raise
 
 
 def load_model(name: str, auto_class: Any, seed: int, **kwargs: Any) -> torch.nn.Module:

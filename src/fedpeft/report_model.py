@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
+from .config import RunConfig, resumable_settings
 
 # Settings that do not change a run's results: runs differing only in these (and seed) are seeds
 # of one group.
-NOT_RESULTS = {"seed", "out", "device", "threads", "sim-workers", "progress", "data-dir"}
+# Settings runs of one group may differ in: the seed (a group is a set of seeds), where the data
+# lives, and how rounds were run rather than what they computed (``resumable`` settings).
+NOT_RESULTS = {"seed", "data-dir"} | (resumable_settings() - {"rounds"})
 LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, not in labels
 PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
 # Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).

@@ -10,8 +10,10 @@
   ``tag-column``), validated as IOB2.
 
 Labelling: the first subword of each word carries the word's tag, the other subwords -100
-(ignored by the loss). Max length 64 (the FeDeRA paper's). Words cut off by truncation are
-predicted O, so their gold entities count as misses: the score is over full sentences.
+(ignored by the loss). Sentences are encoded as pre-split words; a byte-level BPE tokenizer
+(RoBERTa) then needs a prefix space before every word (``words_tokenizer``). Max length 64
+(the FeDeRA paper's). Words cut off by truncation are predicted O, so their gold entities count
+as misses: the score is over full sentences.
 Metric: seqeval entity-level micro F1, precision and recall (conlleval semantics).
 Partition class (paper App. A): the sorted set of entity types of a sentence ("O" if none),
 for ``ploner`` prefixed by the source; beyond ``ner-max-classes`` the rarest classes merge
@@ -20,6 +22,8 @@ into "other".
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -134,6 +138,53 @@ def first_subword_positions(word_ids: Sequence[int | None], num_words: int) -> l
     return positions
 
 
+def words_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` ready to encode pre-split words (``is_split_into_words=True``).
+
+    Byte-level BPE (RoBERTa, GPT-2 and their kin) marks a word's start by the space before it
+    ("Ġvisited"). Given the words one by one, a tokenizer built without ``add_prefix_space``
+    encodes each as if it continued the previous word ("v", "is", "ited"): pieces the model
+    never saw at word starts, for every word of every sentence, and transformers 5 no longer
+    refuses it. Such a tokenizer is copied with the prefix space switched on in its
+    pre-tokenizer and post-processor (what ``add_prefix_space=True`` at load time gives);
+    any other tokenizer (WordPiece, SentencePiece/Metaspace, which mark every word already) is
+    returned as it is.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"NER needs a fast tokenizer (word ids); {type(tokenizer).__name__} "
+                         "is not one (give a model folder with a tokenizer.json)")
+    if getattr(tokenizer, "add_prefix_space", False):
+        return tokenizer
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    if not _add_prefix_space(state.get("pre_tokenizer")):
+        return tokenizer
+    _add_prefix_space(state.get("post_processor"))
+    from tokenizers import Tokenizer
+
+    patched = Tokenizer.from_str(json.dumps(state))
+    variant = copy.deepcopy(tokenizer)
+    variant.backend_tokenizer.pre_tokenizer = patched.pre_tokenizer
+    variant.backend_tokenizer.post_processor = patched.post_processor
+    variant.add_prefix_space = True
+    return variant
+
+
+def _add_prefix_space(component: Any) -> bool:
+    """Switch on ``add_prefix_space`` of every byte-level part of a serialised tokenizer
+    component (nested sequences included); whether any was off."""
+    if isinstance(component, list):
+        return any([_add_prefix_space(c) for c in component])
+    if not isinstance(component, dict):
+        return False
+    changed = False
+    if component.get("type") in ("ByteLevel", "RobertaProcessing") and \
+            component.get("add_prefix_space") is False:
+        component["add_prefix_space"] = changed = True
+    for key in ("pretokenizers", "processors"):
+        changed |= _add_prefix_space(component.get(key))
+    return changed
+
+
 def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     """seqeval entity-level micro precision, recall and F1 (0 where undefined)."""
     from seqeval.metrics import f1_score, precision_score, recall_score
@@ -172,8 +223,9 @@ class NerTask(Task):
         if unknown:
             raise DataError(self._source(split), f"tags {unknown[:5]} occur in the {split} split "
                             "but not in the training split")
-        enc = tokenizer([e["tokens"] for e in examples], is_split_into_words=True,
-                        truncation=True, max_length=self.max_length)
+        enc = words_tokenizer(tokenizer)([e["tokens"] for e in examples],
+                                         is_split_into_words=True, truncation=True,
+                                         max_length=self.max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         rows, word_positions = [], []
         for i, example in enumerate(examples):

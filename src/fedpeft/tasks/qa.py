@@ -11,9 +11,12 @@
 
 Features: question + context windows of ``max-length`` tokens (paper: 384) overlapping by
 ``doc-stride`` tokens (128), the answer as token start/end (the [CLS] position when a window
-does not hold the whole answer). Prediction: per window the ``n-best`` start and end logits,
-spans inside the context of at most ``max-answer-length`` tokens, the best summed score over the
-question's windows, mapped back to context characters (``best_answers``). Metric: official
+does not hold the whole answer). Context offsets are trimmed of the whitespace some tokenizers
+put inside a token ("▁the" of SentencePiece/DeBERTa covers the space before the word), so
+spans map back to the words alone (``trim_spaces``). Prediction: per window the ``n-best``
+start and end logits, spans inside the context of at most ``max-answer-length`` tokens, the
+best summed score over the question's windows, mapped back to context characters
+(``best_answers``). Metric: official
 SQuAD v1.1 exact match and F1 (``squad_scores``), as fractions. Partition class for SQuAD:
 k-means (k=30) over TF-IDF vectors of the training questions (``question_clusters``).
 """
@@ -59,8 +62,15 @@ def read_squad(path: str | Path, source: str = "squad", skip_invalid: bool = Fal
         with open_text(path) as fh:
             data = json.load(fh)["data"]
         articles = [(a.get("title") or f"article-{i}", a["paragraphs"]) for i, a in enumerate(data)]
+        if not all(isinstance(paragraphs, list) for _, paragraphs in articles):
+            raise TypeError("paragraphs must be a list")
     except json.JSONDecodeError as err:
-        raise DataError(path, f"not valid JSON: {err.msg}", err.lineno) from None
+        if not err.doc.strip():
+            raise DataError(path, "is empty; expected SQuAD-format JSON") from None
+        raise DataError(path, f"not valid JSON: {err.msg} (column {err.colno})",
+                        err.lineno) from None
+    except RecursionError:
+        raise DataError(path, "not valid JSON: nested too deeply") from None
     except (KeyError, TypeError, AttributeError):
         raise DataError(path, 'expected SQuAD layout {"data": [{"title", "paragraphs": '
                         '[{"context", "qas": [{"id", "question", "answers"}]}]}]}') from None
@@ -72,7 +82,11 @@ def read_squad(path: str | Path, source: str = "squad", skip_invalid: bool = Fal
             if not isinstance(context, str) or not context.strip():
                 problems.add(f"article {title!r}: a paragraph has no context")
                 continue
-            for qa in paragraph.get("qas", []):
+            qas = paragraph.get("qas", [])
+            if not isinstance(qas, list):
+                problems.add(f"article {title!r}: a paragraph's qas is not a list")
+                continue
+            for qa in qas:
                 problem = _question_problem(qa, context)
                 if problem:
                     problems.add(f"question id {qa.get('id')!r}: {problem}")
@@ -213,7 +227,12 @@ class QATask(Task):
 
     def featurize(self, examples: list[dict[str, Any]], tokenizer: Any, split: str) -> Features:
         """Sliding windows with start/end positions; outside the train split each window
-        keeps its context offsets in ``extra["offsets"]`` ((T, 2) int32, -1 off the context)."""
+        keeps its context offsets in ``extra["offsets"]`` ((T, 2) int32, -1 off the context),
+        trimmed of surrounding whitespace (``trim_spaces``)."""
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"QA needs a fast tokenizer (offset mappings); "
+                             f"{type(tokenizer).__name__} is not one (give a model folder with "
+                             "a tokenizer.json)")
         length = self.max_length
         q_cap = min(QUESTION_TOKENS, length // 4)
         stride = max(0, min(self.cfg.doc_stride, length - q_cap - 4))
@@ -224,36 +243,39 @@ class QATask(Task):
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         sample = enc["overflow_to_sample_mapping"]
         rows, offsets = [], []
+        spaces: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # context -> space_tables
         for i, offs in enumerate(enc["offset_mapping"]):
-            in_context = [s == 1 for s in enc.sequence_ids(i)]
+            example = examples[sample[i]]
+            in_context = np.asarray([s == 1 for s in enc.sequence_ids(i)])
+            if example["context"] not in spaces:
+                spaces[example["context"]] = space_tables(example["context"])
+            array = trim_spaces(np.asarray(offs, dtype=np.int32).reshape(-1, 2), in_context,
+                                *spaces[example["context"]])
+            array[~in_context] = -1
             row = {k: enc[k][i] for k in keys}
             row["start_positions"], row["end_positions"] = self._span(
-                examples[sample[i]]["answers"][0], offs, in_context, enc["input_ids"][i],
-                tokenizer.cls_token_id)
+                example["answers"][0], array, enc["input_ids"][i], tokenizer.cls_token_id)
             rows.append(row)
             if split != "train":  # only scoring needs offsets (and they are large)
-                array = np.asarray(offs, dtype=np.int32).reshape(-1, 2)
-                array[~np.asarray(in_context)] = -1
                 offsets.append(array)
         extra = {"offsets": offsets} if split != "train" else {}
         return Features(rows, np.asarray(sample, dtype=np.int64), extra)
 
     @staticmethod
-    def _span(answer: dict[str, Any], offs: Sequence[Sequence[int]], in_context: list[bool],
-              input_ids: list[int], cls_id: int | None) -> tuple[int, int]:
-        """Token (start, end) of the answer in a window, or the [CLS] position twice."""
-        first, last = in_context.index(True), len(in_context) - 1 - in_context[::-1].index(True)
+    def _span(answer: dict[str, Any], offs: np.ndarray, input_ids: list[int],
+              cls_id: int | None) -> tuple[int, int]:
+        """Token (start, end) of the answer in a window, or the [CLS] position twice.
+        ``offs``: the window's (T, 2) context offsets, -1 off the context."""
+        inside = np.flatnonzero(offs[:, 0] >= 0)
+        first, last = int(inside[0]), int(inside[-1])
         start_char = int(answer["answer_start"])
         end_char = start_char + len(answer["text"])
         if not (offs[first][0] <= start_char and offs[last][1] >= end_char):
             cls = input_ids.index(cls_id) if cls_id in input_ids else 0
             return cls, cls
-        start = first
-        while start <= last and offs[start][1] <= start_char:
-            start += 1
-        end = last
-        while end >= first and offs[end][0] >= end_char:
-            end -= 1
+        context = offs[first : last + 1]
+        start = first + int(np.argmax(context[:, 1] > start_char))  # first token ending after it
+        end = first + int(np.flatnonzero(context[:, 0] < end_char)[-1])  # last starting before
         return start, max(start, end)
 
     def evaluate(self, model: torch.nn.Module, examples: list[dict[str, Any]], features: Features,
@@ -272,6 +294,44 @@ class QATask(Task):
         golds = [[a["text"] for a in e["answers"]] for e in examples]
         return {**squad_scores(answers, golds),
                 **per_source_f1(examples, answers, golds, squad_scores)}
+
+
+# str.isspace by code point; every whitespace character is below U+3001, all above map to the
+# last (non-space) entry.
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])
+
+
+def space_tables(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """For ``trim_spaces``: ``next_char[i]`` = the first non-space position >= i (len(text) if
+    none); ``end_char[i]`` = 1 + the last non-space position < i (0 if none); both of length
+    len(text) + 1."""
+    n = len(text)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    solid = ~_IS_SPACE[np.minimum(codes, len(_IS_SPACE) - 1)]
+    positions = np.arange(n + 1)
+    at = np.where(np.append(solid, True), positions, n + 1)
+    next_char = np.minimum.accumulate(at[::-1])[::-1].clip(max=n)
+    after = np.where(np.insert(solid, 0, True), positions, 0)  # i where text[i - 1] is solid
+    after[0] = 0
+    end_char = np.maximum.accumulate(after)
+    return next_char, end_char
+
+
+def trim_spaces(offsets: np.ndarray, in_context: np.ndarray, next_char: np.ndarray,
+                end_char: np.ndarray) -> np.ndarray:
+    """Context token offsets without leading/trailing whitespace (a copy).
+
+    SentencePiece-style tokenizers (Metaspace: DeBERTa-v2/v3, XLM-R, ALBERT) give a word's first
+    piece the space before it ("▁the" spans " the"), so do byte-level BPE ones built with
+    ``trim_offsets=False`` ("Ġthe"); an answer mapped back through such offsets would start
+    with a space. A whitespace-only token ("▁" alone) becomes empty at its end. Tokens outside
+    the context are left as they are."""
+    out = offsets.copy()
+    s, e = offsets[in_context, 0], offsets[in_context, 1]
+    s = np.minimum(next_char[s], e)
+    out[in_context, 0] = s
+    out[in_context, 1] = np.maximum(end_char[e], s)
+    return out
 
 
 def _cut(tokenizer: Any, question: str, max_tokens: int) -> str:
