@@ -91,11 +91,16 @@ def _assert_same_run(run_a, run_b, summary_a, summary_b):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_path):
-    """`fedpeft run` (Flower simulation) killed with SIGKILL in round 2, then `--resume`d."""
+@pytest.mark.parametrize("strategy", [[], ["strategy=fedadam", "server-lr=0.01"],
+                                      ["strategy=fedavgm", "server-momentum=0.9"]],
+                         ids=["fedavg", "fedadam", "fedavgm"])
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_path, strategy):
+    """`fedpeft run` (Flower simulation) killed with SIGKILL in round 2, then `--resume`d; with
+    a server optimiser, its moments / momentum come back from the checkpoint too."""
     settings = [f"model={tiny_models('bert')}", "method=federa", "lora-rank=4", "num-clients=4",
                 "clients-per-round=2", "rounds=3", "max-train-samples=64", "max-test-samples=32",
-                "batch-size=16", "lr=5e-3", "threads=1", "progress=false", "fail-rate=0.2"]
+                "batch-size=16", "lr=5e-3", "threads=1", "progress=false", "fail-rate=0.2",
+                *strategy]
     cli = [sys.executable, "-m", "fedpeft.cli", "run"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([*cli, *settings, f"out={ref}"], check=True, capture_output=True,

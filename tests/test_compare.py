@@ -21,6 +21,8 @@ def fake_simulate(scores: dict):
                    "seconds": 60.0}
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
         (cfg.run_dir() / "config.toml").write_text(to_toml(cfg))
+        # a real run's checkpoint ends at its last round; this stand-in keeps none
+        (cfg.run_dir() / "checkpoint.safetensors").unlink(missing_ok=True)
         (cfg.run_dir() / "summary.json").write_text(json.dumps(summary))
         return summary
 

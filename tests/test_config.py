@@ -23,7 +23,7 @@ def test_unknown_key_suggests_the_closest():
     ("alpha=0", "alpha"),
     ("lora-alpha=-1", "lora-alpha"),
     ("rounds=abc", "rounds must be int"),
-    ("lr=-0.1", "lr must be > 0"),
+    ("lr=-0.1", "lr must be a finite number > 0"),
     ("device=tpu", "device"),
 ])
 def test_bad_values_are_rejected_before_training(override, message):

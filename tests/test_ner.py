@@ -9,12 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from corpora import fixture_config, needs_corpus
+from scaffold import local_round_and_scores, two_round_simulation
 
 from fedpeft.config import RunConfig
 from fedpeft.methods import METHODS
 from fedpeft.models import load_tokenizer
 from fedpeft.tasks import DataError, make_task
-from fedpeft.tasks.base import PACKAGE_DATA, REPO_SHARED_DATA
+from fedpeft.tasks.base import PACKAGE_DATA, find_dataset
 from fedpeft.tasks.ner import (
     PLONER_MAP,
     entity_scores,
@@ -23,7 +25,6 @@ from fedpeft.tasks.ner import (
     merge_rare,
     read_conll,
 )
-from scaffold import local_round_and_scores, two_round_simulation
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def test_merge_rare_classes():
     assert merge_rare(classes, 0) == classes and merge_rare(classes, 5) == classes
 
 
-def test_wnut17_data_classes_and_embedded_copy():
+def test_wnut17_data_and_classes():
+    """The full WNUT-2017 corpus: the embedded copy, or the data folder's when there is one."""
     task = make_task(RunConfig(task="wnut17"))
     train, test = task.all_examples("train"), task.all_examples("test")
     assert (len(train), len(test)) == (3394, 1287)
@@ -108,8 +110,15 @@ def test_wnut17_data_classes_and_embedded_copy():
     classes = task.partition_classes(train)
     assert len(set(classes)) == 16 and "other" in classes  # 31 entity sets, 15 kept + other
     assert classes.count("O") == 2166
-    shipped = read_conll(PACKAGE_DATA / "wnut17" / "emerging.test.annotated.gz")
-    assert [s["tags"] for s in shipped] == [s["tags"] for s in test]
+
+
+@needs_corpus("wnut17")
+def test_wnut17_embedded_copy_equals_the_original():
+    for name, count in (("wnut17train.conll", 3394), ("emerging.test.annotated", 1287)):
+        original = find_dataset(RunConfig(), "wnut17", [name])[name]
+        assert PACKAGE_DATA not in original.parents  # the data folder's copy, not the package's
+        shipped = read_conll(PACKAGE_DATA / "wnut17" / f"{name}.gz")
+        assert len(shipped) == count and shipped == read_conll(original)
 
 
 def test_ploner_tag_map():
@@ -118,7 +127,31 @@ def test_ploner_tag_map():
     assert map_tags(["B-MISC", "I-MISC", "B-LOC"], PLONER_MAP["conll2003"]) == ["O", "O", "B-LOC"]
 
 
-@pytest.mark.skipif(not (REPO_SHARED_DATA / "conll2003").is_dir(), reason="no CoNLL-2003 copy")
+def test_ploner_on_the_fixtures():
+    """Hand-made CoNLL-2003 look-alike (8 train / 3 test sentences) + the first 60 / 30
+    sentences of WNUT-2017's train / test files (see tests/fixtures/README.md)."""
+    task = make_task(fixture_config(task="ploner"))
+    train, test = task.all_examples("train"), task.all_examples("test")
+    assert (len(train), len(test)) == (8 + 60, 3 + 30)
+    assert [e["source"] for e in train] == ["conll2003"] * 8 + ["wnut17"] * 60
+    assert task.label_names == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    assert {t for e in train for t in e["tags"]} == set(task.label_names)
+    # -DOCSTART- lines are skipped; the tokens come from column 0, the tags from the last one
+    assert train[0]["tokens"] == ["Maria", "Nowak", "joined", "Acme", "Shipping", "in",
+                                  "Gdansk", "."]
+    assert train[0]["tags"] == ["B-PER", "I-PER", "O", "B-ORG", "I-ORG", "O", "B-LOC", "O"]
+    assert train[1]["tags"] == ["O", "O", "O", "O", "O", "B-LOC", "O", "O", "O"]  # MISC -> O
+    # WNUT: location -> LOC, product -> O (a hand-checked tweet of wnut17train.conll)
+    tweet = next(e for e in train if "ipod" in e["tokens"])
+    tags = dict(zip(tweet["tokens"], tweet["tags"], strict=True))
+    assert tags["alderwood"] == "B-LOC" and tags["ipod"] == "O"
+    assert test[0]["tags"] == ["O", "O", "B-ORG", "I-ORG", "I-ORG", "O", "O", "B-LOC", "O"]
+    classes = task.partition_classes(train)
+    assert classes[:3] == ["conll2003:LOC+ORG+PER", "conll2003:LOC", "conll2003:ORG"]
+    assert len(set(classes)) == 10 and classes.count("wnut17:O") == 39
+
+
+@needs_corpus("conll2003", "wnut17")
 def test_ploner_sources_and_classes():
     task = make_task(RunConfig(task="ploner"))
     train, test = task.all_examples("train"), task.all_examples("test")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import FIXTURE_OVERRIDE, fixture_config, needs_corpus
+from scaffold import local_round_and_scores, two_round_simulation
 
 from fedpeft.config import RunConfig
 from fedpeft.methods import METHODS
@@ -23,7 +25,6 @@ from fedpeft.tasks.qa import (
     squad_scores,
     token_f1,
 )
-from scaffold import local_round_and_scores, two_round_simulation
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,32 @@ def test_article_split_keeps_articles_whole():
     assert article_split(questions, 3, seed=1) != (train, test)
 
 
+def test_squad_split_on_the_fixture():
+    """The fixture: the first paragraph (at most 5 questions) of the first 20 dev articles and
+    the first 3 paragraphs of the first 3 train articles (see tests/fixtures/README.md)."""
+    task = make_task(fixture_config(task="squad"))
+    train, test = task.all_examples("train"), task.all_examples("test")
+    assert len({q["title"] for q in test}) == SQUAD_TEST_ARTICLES
+    assert len({q["title"] for q in train}) == 3 + 20 - SQUAD_TEST_ARTICLES
+    assert (len(train), len(test)) == (61, 78)
+    assert not {q["title"] for q in train} & {q["title"] for q in test}
+    # the split seed is fixed: 4 dev articles join the 3 train articles, the other 16 test
+    assert {q["title"] for q in train} == {"University_of_Notre_Dame", "Beyoncé", "Montana",
+                                           "Warsaw", "Teacher", "Southern_California",
+                                           "European_Union_law"}
+    first = train[0]  # the first question of SQuAD's training file, checked by hand
+    assert first["id"] == "5733be284776f41900661182" and first["source"] == "squad"
+    assert first["question"] == ("To whom did the Virgin Mary allegedly appear in 1858 in "
+                                 "Lourdes France?")
+    assert first["answers"] == [{"answer_start": 515, "text": "Saint Bernadette Soubirous"}]
+    assert first["context"][515:541] == "Saint Bernadette Soubirous"
+    assert {q["title"] for q in train[:41]} == {"University_of_Notre_Dame", "Beyoncé", "Montana"}
+    assert train[41]["title"] == "Warsaw"  # then the dev articles that train
+    assert test[0]["title"] == "Super_Bowl_50" and len(test[0]["answers"]) == 3  # dev: 3 golds
+    assert make_task(fixture_config(task="squad", seed=7)).all_examples("test") == test
+
+
+@needs_corpus("squad_v1.1")
 def test_squad_split_sizes():
     task = make_task(RunConfig(task="squad"))
     train, test = task.all_examples("train"), task.all_examples("test")
@@ -151,15 +178,44 @@ def test_question_clusters_are_seeded():
     assert len(set(question_clusters(questions[:3], 30, seed=0))) <= 3  # k <= questions
 
 
-def test_mrqa_sources_are_the_classes():
-    task = make_task(RunConfig(task="mrqa"))
+MRQA_CLASSES = ("squad", "newsqa", "duorc", "race", "relation_extraction")
+
+
+def _check_mrqa_sources(task) -> tuple[list, list]:
     train, test = task.all_examples("train"), task.all_examples("test")
     classes = task.partition_classes(train)
-    assert set(classes) == {"squad", "newsqa", "duorc", "race", "relation_extraction"}
+    assert classes == [q["source"] for q in train]
+    assert set(classes) == set(MRQA_CLASSES)
     assert {q["source"] for q in test} == set(classes)
     for source in set(classes):  # contexts (titles) never on both sides
         train_titles = {q["title"] for q in train if q["source"] == source}
         assert not train_titles & {q["title"] for q in test if q["source"] == source}
+    ids = [q["id"] for q in train + test]
+    assert len(ids) == len(set(ids))  # unique: the MRQA-like ids are prefixed by their source
+    return train, test
+
+
+def test_mrqa_sources_are_the_classes():
+    """On the fixtures: the SQuAD slice + hand-made look-alikes of the four MRQA-like sources
+    (3 contexts each, pooled over their files; a third of the contexts go to test)."""
+    train, test = _check_mrqa_sources(make_task(fixture_config(task="mrqa")))
+    assert [sum(q["source"] == s for q in train) for s in MRQA_CLASSES] == [61, 4, 4, 4, 3]
+    assert [sum(q["source"] == s for q in test) for s in MRQA_CLASSES] == [78, 2, 2, 2, 2]
+    squad = make_task(fixture_config(task="squad"))
+    assert [q for q in train if q["source"] == "squad"] == squad.all_examples("train")
+    newsqa = [q for q in test if q["source"] == "newsqa"]
+    assert [q["question"] for q in newsqa] == ["How many trees were planted?",
+                                               "What were the trees meant to stop?"]
+    assert newsqa[0]["id"] == f"newsqa-{5:032x}" and newsqa[0]["answers"][0]["text"] == "3,000"
+
+
+@needs_corpus("squad_v1.1", "mrqa_like")
+def test_mrqa_sources_on_the_full_corpora():
+    train, test = _check_mrqa_sources(make_task(RunConfig(task="mrqa")))
+    assert (len(train), len(test)) == (14568, 5347)
+    assert [sum(q["source"] == s for q in train) for s in MRQA_CLASSES] == [
+        11244, 2825, 154, 175, 170]
+    assert [sum(q["source"] == s for q in test) for s in MRQA_CLASSES] == [3696, 1387, 99, 80, 85]
 
 
 # --- the user's SQuAD files ---------------------------------------------------------------------
@@ -225,7 +281,7 @@ def test_every_method_trains_and_scores_squad(tiny_models, method):
     result, scores = local_round_and_scores([
         f"model={tiny_models('bert')}", "task=squad", f"method={method}", "lora-rank=4",
         "max-train-samples=16", "max-test-samples=8", "max-length=128", "doc-stride=32",
-        "num-clients=2", "clients-per-round=1"])
+        "num-clients=2", "clients-per-round=1", FIXTURE_OVERRIDE])
     assert result.steps > 0 and np.isfinite(result.loss)
     assert 0.0 <= scores["f1"] <= 1.0
 
@@ -237,7 +293,7 @@ def test_federated_qa_run(tiny_models, tmp_path):
     summary, rounds = two_round_simulation([
         f"model={tiny_models('bert')}", "task=squad", "method=federa", "lora-rank=4",
         "max-train-samples=64", "max-test-samples=24", "max-length=128", "doc-stride=32",
-        f"out={tmp_path / 'run'}"])
+        f"out={tmp_path / 'run'}", FIXTURE_OVERRIDE])  # 61 questions: all of the fixture's
     for r in rounds:
         assert {"f1", "exact-match"} <= r["metrics"].keys()
     assert summary["metric"] == "f1" and 0.0 <= summary["final"]["f1"] <= 1.0

@@ -24,6 +24,7 @@ from fedpeft.federation.runtime import Runtime
 from fedpeft.models import load_tokenizer
 from fedpeft.tasks import make_task
 from fedpeft.tasks.qa import best_answers
+from corpora import FIXTURE_OVERRIDE, needs_corpus
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 
 ARCHS = ["roberta", "deberta-v2"]
@@ -254,6 +255,7 @@ def test_qa_gold_spans_map_back_to_exactly_the_answer_text(tiny_models, arch, op
     assert scores["exact-match"] == 1.0 and scores["f1"] == 1.0
 
 
+@needs_corpus("squad_v1.1")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_qa_gold_spans_on_squad_have_no_stray_spaces(tiny_models, arch):
     """On real SQuAD questions (128-token windows, several per question) the gold spans map
@@ -284,7 +286,7 @@ RUNS = {
     "classification": ["task=semeval", "max-length=64"],
     "ner": ["task=wnut17", "max-length=64"],
     "qa": ["task=squad", "max-length=128", "doc-stride=32", "max-train-samples=32",
-           "max-test-samples=16"],
+           "max-test-samples=16", FIXTURE_OVERRIDE],
 }
 
 

@@ -115,7 +115,8 @@ def test_bad_updates_are_rejected_and_the_global_state_stays_finite(
     (["method=fedap", "adapter-modules=nope"], "cannot place adapters in model type 'bert'"),
     (["model=/no/such/model"], "model=/no/such/model: no such model folder"),
     (["min-train-clients=3"], "min-train-clients must be in [1, clients-per-round=2]"),
-    (["fail-mode=hang", "fail-rate=0.5"], "fail-mode=hang needs round-timeout > 0"),
+    (["fail-mode=hang", "fail-rate=0.5", "round-timeout=0"],
+     "fail-mode=hang needs round-timeout > 0"),
 ])
 def test_bad_settings_fail_in_one_line_before_anything_runs(tiny_models, tmp_path, capsys,
                                                            settings, message):

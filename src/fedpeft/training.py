@@ -37,15 +37,18 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
                 lr: float, epochs: int, batch_size: int, weight_decay: float, max_grad_norm: float,
                 generator: torch.Generator, device: torch.device,
                 after_step: Callable[[], None] | None = None,
-                precision: str = "auto") -> TrainResult:
+                precision: str = "auto", proximal_mu: float = 0.0) -> TrainResult:
     """Train the parameters that require grad on ``rows`` and return what happened.
 
     ``after_step`` runs after every optimizer step (SLoRA's sparse mask re-applies itself there).
     A fresh AdamW is made for every call: optimiser state does not survive a round, as in FedAvg.
+    ``proximal_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the trainable tensors, w_global
+    being their values when the round starts (Li et al., 2020).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     autocast = _autocast(device, precision)
     model.train()
@@ -56,6 +59,8 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast:
                 loss = model(**batch).loss
+            if anchors is not None:  # in fp32, outside autocast
+                loss = loss + proximal_term(params, anchors, proximal_mu)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {steps}; "
                                          "lower lr")
@@ -71,6 +76,14 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
     model.eval()
     mean_loss = torch.stack(losses).float().mean().item() if losses else math.nan
     return TrainResult(len(rows), steps, mean_loss, time.perf_counter() - start)
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                  mu: float) -> torch.Tensor:
+    """FedProx's (mu/2) * sum ||w - w_global||^2 over ``params`` (its gradient: mu(w - w_global))."""
+    total = sum(((p - a).float().square().sum() for p, a in zip(params, anchors, strict=True)),
+                torch.zeros((), device=params[0].device))
+    return 0.5 * mu * total
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import numpy as np
 from ..config import ConfigError, RunConfig, differing_settings, resumable_settings
 
 FILE = "checkpoint.safetensors"
+STRATEGY_PREFIX = "@strategy/"  # tensors of the strategy's state, beside the global state
 _META_KEY = "fedpeft-checkpoint"
 VERSION = 1
 
@@ -41,12 +42,17 @@ class Checkpoint:
     anchor_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # ``RunConfig.to_dict()``
     seconds: float = 0.0  # wall time spent by the sessions that produced this checkpoint
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # ``strategies/state.py``
+    strategy_tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
         return {"version": VERSION, "round": self.round, "sampler": self.sampler,
                 "anchored": sorted(self.anchored), "method-state": self.method_state,
                 "history": self.history, "anchor-id": self.anchor_id, "config": self.config,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "strategy-state": self.strategy_state,
+                # safetensors lists tensors sorted by name; the state's own order is the model's
+                # (strategies such as FedAvgM pair tensors by position)
+                "state-keys": list(self.global_state)}
 
 
 def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
@@ -56,6 +62,8 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     target = Path(run_dir) / FILE
     tmp = target.with_name(target.name + ".tmp")
     tensors = {k: np.ascontiguousarray(v) for k, v in checkpoint.global_state.items()}
+    tensors.update({STRATEGY_PREFIX + k: np.ascontiguousarray(v)
+                    for k, v in checkpoint.strategy_tensors.items()})
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.metadata())})
     _fsync(tmp)
     os.replace(tmp, target)
@@ -75,11 +83,16 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         if not isinstance(meta, dict) or meta.get("version") != VERSION:
             raise ValueError(f"{path} is not a fedpeft checkpoint (version {VERSION})")
         state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    strategy = {k[len(STRATEGY_PREFIX):]: state.pop(k) for k in list(state)
+                if k.startswith(STRATEGY_PREFIX)}
+    order = meta.get("state-keys") or list(state)
+    state = {k: state[k] for k in order}
     return Checkpoint(round=int(meta["round"]), global_state=state, sampler=meta["sampler"],
                       anchored=[int(p) for p in meta["anchored"]],
                       method_state=meta["method-state"], history=meta["history"],
                       anchor_id=meta["anchor-id"], config=meta["config"],
-                      seconds=float(meta["seconds"]))
+                      seconds=float(meta["seconds"]),
+                      strategy_state=meta.get("strategy-state", {}), strategy_tensors=strategy)
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, done: int) -> None:

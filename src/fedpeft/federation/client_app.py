@@ -35,8 +35,9 @@ from ..config import RunConfig  # noqa: E402
 from ..training import local_train  # noqa: E402
 from .runtime import Runtime, anchor_id, cached_runtime  # noqa: E402
 from .state import decode, encode, from_record, to_record  # noqa: E402
+from .strategies.dp import client_dp_mod  # noqa: E402
 
-app = ClientApp()
+app = ClientApp(mods=[client_dp_mod])  # Flower's clipping mods, for dp=client-*
 
 ANCHOR_KEY = "fedpeft-anchor"
 
@@ -120,6 +121,7 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
             max_grad_norm=cfg.max_grad_norm,
             generator=torch.Generator().manual_seed(shuffle_seed), device=runtime.device,
             after_step=runtime.method.after_step(runtime.model), precision=cfg.precision,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by strategy=fedprox
         )
     update = runtime.method.export_state(runtime.model)
     if fault and cfg.fail_mode in ("nan", "huge"):

@@ -28,15 +28,24 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
+from flwr.supercore.differential_privacy import KEY_NORM_BIT  # noqa: E402
 
 from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
 from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
-from .aggregation import WeightedMean, exact_lora_mean  # noqa: E402
+from .aggregation import WeightedMean  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
     check_resumable,
@@ -45,6 +54,21 @@ from .checkpoint import (  # noqa: E402
     saved_config,
 )
 from .exchange import Nodes, discover_nodes, exchange, refresh_nodes  # noqa: E402
+from .strategies.build import (  # noqa: E402
+    UNIFORM_WEIGHT,
+    SampledGrid,
+    make_strategy,
+    messages_by_node,
+    quiet,
+    streams,
+)
+from .strategies.dp import (  # noqa: E402
+    KEY_DP_MOD,
+    accounting_note,
+    forget_pending_release,
+    privacy_spent,
+)
+from .strategies.state import load_strategy_state, strategy_state  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
 from .state import (  # noqa: E402
     decode,
@@ -57,6 +81,7 @@ from .state import (  # noqa: E402
 from .validation import check_finite, check_update, check_weight, ordered_like  # noqa: E402
 
 Record = dict[str, Any]
+STRATEGY_REPLY_METRICS = (KEY_NORM_BIT,)  # what a client's mods add for the strategy
 
 
 @dataclass
@@ -69,6 +94,7 @@ class Update:
     loss: float
     seconds: float  # local training
     handler_seconds: float  # the client's whole train handler (decode, train, encode)
+    strategy_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. adaptive DP's norm bit
 
 
 @dataclass
@@ -83,6 +109,7 @@ class RoundResult:
     bytes_down: int = 0
     bytes_up: int = 0
     mean: WeightedMean | None = None  # FedAvg of ``updates``, summed as they were read
+    replied: int = 0  # clients that returned an update, over every attempt (valid or not)
 
 
 def prepare(cfg: RunConfig) -> Runtime:
@@ -166,6 +193,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     else:
         global_state = runtime.method.export_state(runtime.model)
         history, done, before = [], 0, 0.0
+    strategy = make_strategy(cfg, runtime.method.lr)
+    if checkpoint is not None:
+        load_strategy_state(strategy, checkpoint.strategy_state, checkpoint.strategy_tensors)
     drift = DriftTracker()  # LoRA factors only; other methods log no drift
     drift.observe(global_state)
     nodes = discover_nodes(grid, cfg.num_clients)
@@ -183,12 +213,15 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         node_changes = refresh_nodes(grid, nodes, min(cfg.round_timeout or 60.0, 60.0))
         config = {**base_config, **runtime.method.client_config(server_round),
                   "round": server_round}
-        result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes)
+        result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes,
+                             strategy)
         t_train = time.perf_counter()
         extra: Record = {}
         if result.updates:
-            aggregate, extra = aggregate_updates(cfg, result)
-            problem = check_finite(aggregate)
+            aggregate, extra = aggregate_updates(cfg, result, strategy, server_round,
+                                                 global_state)
+            problem = "the strategy aggregated nothing" if aggregate is None else \
+                check_finite(aggregate)
             if problem is None:
                 global_state = aggregate
                 runtime.method.import_state(runtime.model, global_state)
@@ -206,6 +239,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         switch_metrics: dict[str, float] = {}
         if switched is not None:
             global_state = switched
+            strategy = make_strategy(cfg, runtime.method.lr)  # its state restarts with stage 2
             switch_metrics = evaluate_global(cfg, runtime) if evaluate else {}
         t_end = time.perf_counter()
         drifted = drift.observe(global_state)
@@ -231,6 +265,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "seconds-aggregate": t_agg - t_train + (t_end - t_eval),
             "seconds-eval": t_eval - t_agg,
             **({"metrics-after-switch": switch_metrics} if switch_metrics else {}),
+            **({"privacy": spent} if (spent := privacy_spent(strategy)) else {}),
             **({"nodes": node_changes} if node_changes else {}),
             **({"drift": drifted} if drifted else {}),
             **extra,
@@ -243,7 +278,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             round=server_round, global_state=global_state, sampler=sampler.bit_generator.state,
             anchored=[p for p, a in nodes.anchors.items() if anchor_key and a == anchor_key],
             method_state=runtime.method.state_dict(), history=history, anchor_id=anchor_key,
-            config=cfg.to_dict(), seconds=before + time.perf_counter() - started))
+            config=cfg.to_dict(), seconds=before + time.perf_counter() - started,
+            **dict(zip(("strategy_state", "strategy_tensors"), strategy_state(strategy),
+                       strict=True))))
         if on_round is not None:
             on_round(record)
         check_progress(cfg, server_round, result, failed_in_a_row)  # after the round is logged
@@ -258,6 +295,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "mean-pairwise-js": mean_pairwise_js(partition.histograms),
         "frozen-digest-start": digest_start,
         "frozen-digest-end": frozen_digest(runtime.model),
+        "strategy": cfg.strategy,
+        **({"privacy": privacy_spent(strategy) or {"note": accounting_note(cfg)}}
+           if cfg.dp != "none" else {}),
     })
     log.write_json("summary.json", summary)
     return summary
@@ -280,7 +320,7 @@ def check_progress(cfg: RunConfig, server_round: int, result: RoundResult,
     if result.updates:
         return
     errors = [f for f in result.failures if f.get("kind") == "error"]
-    if errors and len(errors) == len(result.failures) and not result.rejected:
+    if errors and len(errors) == len(result.failures) and not result.replied:
         raise RunFailedError(
             f"round {server_round}: every sampled client failed ({len(errors)} failures in "
             f"{result.attempts} attempt(s)), so the run cannot learn anything; the clients' "
@@ -301,27 +341,43 @@ def error_summary(reason: str) -> str:
 
 def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Generator,
                 global_state: dict[str, np.ndarray], config: Record,
-                anchor: dict[str, np.ndarray] | None, sizes: list[int]) -> RoundResult:
-    """Sample, send, collect and validate, retrying with a new sample if too few succeed."""
+                anchor: dict[str, np.ndarray] | None, sizes: list[int],
+                strategy: Strategy) -> RoundResult:
+    """Sample, send, collect and validate, retrying with a new sample if too few succeed.
+
+    The strategy configures the round for exactly the sampled nodes (``SampledGrid``): its
+    config (FedProx's ``proximal-mu``, DP's clipping norm, ...) goes into each message."""
     result = RoundResult()
     attempts = 1 + (cfg.round_retries if cfg.on_round_failure == "retry" else 0)
+    server_round = int(config["round"])
     arrays = to_record(encode(global_state, cfg.transport_dtype))
+    exact = to_record(global_state)  # what the strategy sees: the global state, not the wire
     anchor_record = to_record(anchor) if anchor is not None else None
     anchor_key = str(config["anchor-id"])
     for attempt in range(attempts):
         sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
                                                         replace=False))
         result.clients, result.attempts, result.updates = sampled, attempt + 1, []
-        result.mean = WeightedMean() if cfg.aggregation == "fedavg" else None
-        messages, targets = [], []
+        result.mean = WeightedMean() if streams(strategy) else None
+        live = []
         for pid in sampled:
-            node = nodes.node(pid)
-            if node is None:
+            if nodes.node(pid) is None:
                 result.failures.append({"client": pid, "attempt": attempt, "kind": "no-node",
                                         "reason": "no live node holds this partition"})
+            else:
+                live.append(pid)
+        forget_pending_release(strategy, server_round)
+        with quiet():
+            configured = messages_by_node(strategy.configure_train(
+                server_round, exact, ConfigRecord({**config, "attempt": attempt}),
+                SampledGrid(grid, [nodes.node(pid) for pid in live])) if live else [])
+        messages, targets = [], []
+        for pid in live:
+            node = nodes.node(pid)
+            if node not in configured:  # the strategy left this node out of the round
                 continue
             content = RecordDict({"arrays": arrays,
-                                  "config": ConfigRecord({**config, "attempt": attempt})})
+                                  "config": strategy_config(configured[node], cfg)})
             result.bytes_down += arrays.count_bytes()
             if anchor_record is not None and nodes.anchors.get(pid) != anchor_key:
                 content["anchor"] = anchor_record
@@ -340,6 +396,7 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
                 result.failures.append({"client": pid, "attempt": attempt, "kind": "error",
                                         "reason": reply.error.reason})
                 continue
+            result.replied += 1
             if anchor_record is not None:
                 nodes.anchors[pid] = anchor_key  # it replied, so it stored the anchor
             result.bytes_up += reply.content["arrays"].count_bytes() \
@@ -356,6 +413,14 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             return result
     result.updates = []  # too few valid updates in every attempt: the round is skipped
     return result
+
+
+def strategy_config(message: Message, cfg: RunConfig) -> ConfigRecord:
+    """The config record the strategy made for a node (fedpeft's settings plus its own)."""
+    config = ConfigRecord(dict(message.content["config"]))
+    if cfg.dp.startswith("client-"):
+        config[KEY_DP_MOD] = cfg.dp.removeprefix("client-")
+    return config
 
 
 def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size: int,
@@ -375,20 +440,45 @@ def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size
     reason = check_weight(weight, size) or check_update(state, reference, cfg.max_update_norm)
     if reason:
         return None, reason
-    return Update(pid, ordered_like(state, reference), weight, loss, seconds, handler), ""
+    passed = {k: metrics[k] for k in STRATEGY_REPLY_METRICS if k in metrics}
+    return Update(pid, ordered_like(state, reference), weight, loss, seconds, handler,
+                  passed), ""
 
 
-def aggregate_updates(cfg: RunConfig, result: RoundResult) -> tuple[dict[str, np.ndarray], Record]:
-    """FedAvg (summed while the updates were read) or the exact LoRA mean of the updates, in
-    partition order (reproducible sums)."""
+def aggregate_updates(cfg: RunConfig, result: RoundResult, strategy: Strategy,
+                      server_round: int, reference: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray] | None, Record]:
+    """The next global state from the round's valid updates, in partition order (reproducible
+    sums): FedAvg's running sum when the strategy is plain FedAvg, else the strategy's own
+    ``aggregate_train`` over replies holding exactly the validated updates. None if the
+    strategy aggregated nothing (e.g. DP accounting with a client missing)."""
     if result.mean is not None:
         return result.mean.result(), {}
     updates = sorted(result.updates, key=lambda u: u.client)
-    states, weights = [u.state for u in updates], [u.weight for u in updates]
-    state, errors = exact_lora_mean(states, weights, cfg.lora_alpha / cfg.lora_rank,
-                                    cfg.lora_rank)
-    mean_error = float(np.mean(list(errors.values()))) if errors else 0.0
-    return state, {"lora-truncation-error": mean_error}
+    replies = [update_reply(u, server_round) for u in updates]
+    with quiet():
+        arrays, metrics = strategy.aggregate_train(server_round, replies)
+    # the strategies' metrics are means of the reply metrics; only exact-lora's is news
+    extra: Record = {k: float(v) for k, v in (metrics or {}).items()
+                     if k == "lora-truncation-error"}
+    if arrays is None:
+        return None, extra
+    # server optimisers compute in float64; the next round's updates are checked against dtypes
+    state = {k: np.asarray(v, dtype=reference[k].dtype) if k in reference else v
+             for k, v in from_record(arrays).items()}
+    return ordered_like(state, reference), extra
+
+
+def update_reply(update: Update, server_round: int) -> Message:
+    """A validated update as the reply message a Flower strategy aggregates."""
+    content = RecordDict({
+        "arrays": to_record(update.state),
+        "metrics": MetricRecord({"num-examples": update.weight, UNIFORM_WEIGHT: 1.0,
+                                 "train-loss": update.loss, "partition-id": update.client,
+                                 **update.strategy_metrics}),
+    })
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN,
+                   group_id=str(server_round))
 
 
 def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],

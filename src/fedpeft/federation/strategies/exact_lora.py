@@ -1,0 +1,41 @@
+"""Exact LoRA aggregation: FedAvg of the products s*B_k*A_k, re-factored to rank r by SVD.
+
+FedAvg of A and B separately averages the factors, and mean(B)*mean(A) is not mean(B*A): the
+global model is not the average of the clients' models. This strategy averages what the
+clients' adapters add to W (their products), weighted as FedAvg weighs, and gives the next round
+the best rank-r factors of that mean (the homogeneous case of FlexLoRA, Bai et al., 2024;
+``aggregation.exact_lora_mean``). Every other tensor (the head, biases) is FedAvg'd as usual.
+Only ``aggregate_train`` differs from Flower's FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from ..aggregation import exact_lora_mean
+
+
+class ExactLoRA(FedAvg):
+    """FedAvg whose LoRA factors are aggregated exactly (see the module docstring)."""
+
+    def __init__(self, *, scaling: float, rank: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scaling, self.rank = scaling, rank
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        states = [{k: np.asarray(v.numpy()) for k, v in m.content["arrays"].items()}
+                  for m in valid]
+        weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
+        state, errors = exact_lora_mean(states, weights, self.scaling, self.rank)
+        error = float(np.mean(list(errors.values()))) if errors else 0.0
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in states[0]})
+        return arrays, MetricRecord({"lora-truncation-error": error})
