@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from inprocess import flower_identity  # noqa: F401
 
 from fedpeft.config import ConfigError, RunConfig, load_config
 from fedpeft.federation.runtime import Runtime
-from fedpeft.training import _autocast, local_train
+from fedpeft.training import _autocast, local_train, resolve_precision
 
 
 def test_precision_setting_is_checked():
@@ -14,13 +15,30 @@ def test_precision_setting_is_checked():
         RunConfig(precision="fp16").validate()
 
 
-@pytest.mark.parametrize(("precision", "enabled"), [("auto", False), ("fp32", False),
-                                                    ("bf16", True)])
-def test_autocast_on_cpu_only_when_asked(precision, enabled):
+@pytest.mark.parametrize(("precision", "native", "enabled"), [
+    ("auto", False, False), ("auto", True, True), ("fp32", True, False), ("fp32", False, False),
+    ("bf16", False, True), ("bf16", True, True)])
+def test_autocast_on_cpu_when_asked_or_native(precision, native, enabled, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision(torch.device("cpu"), precision) == ("bf16" if enabled else "fp32")
     context = _autocast(torch.device("cpu"), precision)
     with context:
         out = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
     assert (out.dtype == torch.bfloat16) is enabled
+
+
+def test_auto_follows_what_torch_says_of_this_cpu():
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision(torch.device("cpu")) == ("bf16" if native else "fp32")
+
+
+def test_the_run_records_what_auto_meant(tiny_models, tmp_path, flower_identity):  # noqa: F811
+    from inprocess import run_inprocess, tiny_config
+
+    cfg = tiny_config(tiny_models("bert"), str(tmp_path / "run"), "rounds=1")
+    summary = run_inprocess(cfg)
+    assert summary["precision"] == resolve_precision(torch.device("cpu"), "auto")
 
 
 def test_bf16_local_training_on_cpu_keeps_fp32_parameters(tiny_models):

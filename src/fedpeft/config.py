@@ -28,6 +28,10 @@ class ConfigError(FedpeftError, ValueError):
     """A setting is unknown, malformed or inconsistent with another one."""
 
 
+LORA_FAMILY = ("fedlr", "federa", "ffa-lora", "slora")  # the methods lora-dora/-rslora apply to
+LR_SCHEDULES = ("constant", "cosine", "step")  # see schedule.py
+
+
 def setting(default: Any, help: str = "", *, resumable: bool = False,
             structural: bool = True) -> Any:
     """A ``RunConfig`` field with its help text and what it may change.
@@ -56,6 +60,9 @@ class RunConfig:
     rounds: int = setting(20, "federated rounds", resumable=True, structural=False)
     num_clients: int = setting(100, "clients the training data is split over")
     clients_per_round: int = setting(10, "clients sampled per round", structural=False)
+    client_sampling: str = setting(
+        "uniform", "uniform | size: a client's chance to be sampled proportional to its shard",
+        structural=False)
     alpha: float = setting(1.0, "Dirichlet concentration; smaller = more heterogeneous")
     min_size: int = setting(2, "every client gets at least this many training examples")
     seed: int = setting(0, "one seed for the partition, client sampling, init and local shuffles")
@@ -67,6 +74,20 @@ class RunConfig:
     local_epochs: int = setting(1, "local epochs per round", structural=False)
     batch_size: int = setting(16, "local batch size", structural=False)
     lr: float | None = setting(None, "None = the method's default learning rate", structural=False)
+    lr_schedule: str = setting(
+        "constant", "constant | cosine | step: the rate across rounds (schedule.py)",
+        structural=False)
+    lr_min: float = setting(0.0, "lr-schedule=cosine: the floor it decays to", structural=False)
+    lr_schedule_rounds: int | None = setting(
+        None, "cosine: rounds the decay spans; None = rounds at the start (kept on resume)",
+        structural=False)
+    lr_step_rounds: int = setting(
+        10, "lr-schedule=step: multiply the rate by lr-step-gamma every k rounds", structural=False)
+    lr_step_gamma: float = setting(0.1, "lr-schedule=step: the factor, in (0, 1]",
+                                   structural=False)
+    warmup_rounds: int = setting(
+        0, "linear warm-up of the rate over the first k rounds (before the schedule)",
+        structural=False)
     weight_decay: float = setting(0.0, "AdamW weight decay (>= 0)", structural=False)
     max_grad_norm: float = setting(1.0, "0 disables clipping", structural=False)
     max_length: int | None = setting(
@@ -74,8 +95,12 @@ class RunConfig:
     eval_batch_size: int = setting(64, "batch size of evaluation", resumable=True, structural=False)
     # --- LoRA family (paper: r=32, alpha=32 on query and value) ------------------------------
     lora_rank: int = setting(32, "LoRA rank r")
-    lora_alpha: float = setting(32.0, "LoRA alpha (scaling s = alpha / r)")
+    lora_alpha: float = setting(32.0, "LoRA alpha (s = alpha / r; alpha / sqrt(r) if rsLoRA)")
     lora_dropout: float = setting(0.0, "LoRA dropout")
+    lora_dora: bool = setting(
+        False, "LoRA family: DoRA (PEFT use_dora), a trained magnitude per output row")
+    lora_rslora: bool = setting(
+        False, "LoRA family: rsLoRA scaling s = alpha / sqrt(r) (PEFT use_rslora)")
     target_modules: list[str] | None = setting(None, "None = query/value of the architecture")
     # --- FedAP adapters and SLoRA's sparse first stage (see docs/methods.md) -----------------
     adapter_reduction: int = setting(
@@ -160,14 +185,19 @@ class RunConfig:
     device: str = setting("cpu", "cpu | cuda | auto", resumable=True)
     # bf16 autocast is ~2x faster on CPUs with AVX512-BF16/AMX (BENCHMARKS.md); weights stay fp32
     precision: str = setting(
-        "auto", "auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16")
+        "auto", "auto (bf16 autocast where the GPU or CPU has native bf16: AVX512-BF16/AMX; "
+        "else fp32) | fp32 | bf16")
     threads: int = setting(
         0,
         "torch threads per simulated worker; 0 = all cores / workers",
         resumable=True, structural=False)
-    sim_workers: int = setting(
-        1,
-        "Ray actors in the simulation; each holds one frozen base model",
+    sim_workers: str = setting(
+        "auto",
+        "Ray actors in the simulation, each holding one frozen base model: a number, or auto "
+        "(one per core up to clients-per-round and memory; one per GPU on CUDA)",
+        resumable=True, structural=False)
+    sim_gpus_per_worker: float | None = setting(
+        None, "CUDA simulation: GPU share of a worker (e.g. 0.5 = two per GPU); None = 1",
         resumable=True, structural=False)
     out: str = setting(
         "runs/{task}-{method}-a{alpha}-s{seed}",
@@ -179,10 +209,17 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check cross-field consistency; raise ``ConfigError`` naming the offending key."""
         positive = ["rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size",
-                    "eval_every", "lora_rank", "eval_batch_size", "sim_workers"]
+                    "eval_every", "lora_rank", "eval_batch_size"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        if self.sim_workers != "auto" and not (self.sim_workers.isdigit()
+                                               and int(self.sim_workers) > 0):
+            raise ConfigError(f"sim-workers must be auto or a number > 0, got "
+                              f"{self.sim_workers!r}")
+        if self.sim_gpus_per_worker is not None and not 0 < self.sim_gpus_per_worker <= 1:
+            raise ConfigError(f"sim-gpus-per-worker must be in (0, 1], got "
+                              f"{self.sim_gpus_per_worker}")
         nonnegative = ["weight_decay", "max_grad_norm", "threads", "max_failed_rounds",
                        "doc_stride"]
         for name in nonnegative:
@@ -232,6 +269,8 @@ class RunConfig:
                               f"{self.slora_stage1_rounds}")
         if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
             raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
+        self._validate_lora_variants()
+        self._validate_schedule()
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):
@@ -265,6 +304,44 @@ class RunConfig:
             raise ConfigError("fail-mode=hang needs round-timeout > 0 (else the round never ends)")
         return self
 
+    def _validate_lora_variants(self) -> None:
+        variants = [name for name, on in (("lora-dora", self.lora_dora),
+                                          ("lora-rslora", self.lora_rslora)) if on]
+        if variants and self.method not in LORA_FAMILY:
+            raise ConfigError(f"{' and '.join(variants)} apply to the LoRA family "
+                              f"({', '.join(LORA_FAMILY)}), not method={self.method}")
+        if self.lora_dora and self.method == "slora":  # see docs/methods.md
+            raise ConfigError("lora-dora with method=slora is not supported yet: SLoRA's switch "
+                              "sets A and B after the model is built, and does not yet reset "
+                              "DoRA's magnitude to match them")
+
+    def _validate_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr-schedule must be {', '.join(LR_SCHEDULES)}, got "
+                              f"{self.lr_schedule!r}")
+        if self.client_sampling not in ("uniform", "size"):
+            raise ConfigError(f"client-sampling must be uniform or size, got "
+                              f"{self.client_sampling!r}")
+        if not (math.isfinite(self.lr_min) and self.lr_min >= 0):
+            raise ConfigError(f"lr-min must be a finite number >= 0, got {self.lr_min}")
+        if self.lr is not None and self.lr_min > self.lr:
+            raise ConfigError(f"lr-min={self.lr_min} exceeds lr={self.lr}")
+        if self.lr_step_rounds <= 0:
+            raise ConfigError(f"lr-step-rounds must be > 0, got {self.lr_step_rounds}")
+        if not 0.0 < self.lr_step_gamma <= 1.0:
+            raise ConfigError(f"lr-step-gamma must be in (0, 1], got {self.lr_step_gamma}")
+        if self.warmup_rounds < 0:
+            raise ConfigError(f"warmup-rounds must be >= 0, got {self.warmup_rounds}")
+        if self.lr_schedule_rounds is not None and self.lr_schedule_rounds <= 0:
+            raise ConfigError(f"lr-schedule-rounds must be > 0, got {self.lr_schedule_rounds}")
+        horizon = self.lr_schedule_rounds or self.rounds
+        if self.lr_schedule == "cosine" and self.warmup_rounds >= horizon:
+            raise ConfigError(f"warmup-rounds={self.warmup_rounds} leaves no round of the cosine "
+                              f"decay (lr-schedule-rounds or rounds = {horizon})")
+        if self.strategy == "qfedavg" and (self.lr_schedule != "constant" or self.warmup_rounds):
+            raise ConfigError("strategy=qfedavg uses one client learning rate for the whole run "
+                              "(L = 1/lr); use lr-schedule=constant and warmup-rounds=0 with it")
+
     def resolved(self, saved: Mapping[str, Any] | None = None) -> RunConfig:
         """This config with the defaults that depend on other settings fixed, once, at the start
         of a run, so that they cannot move when ``rounds`` changes on a resume or an extension.
@@ -276,6 +353,9 @@ class RunConfig:
         if cfg.method == "slora" and cfg.slora_stage1_rounds is None:
             earlier = (saved or {}).get("slora-stage1-rounds")
             cfg.slora_stage1_rounds = int(earlier) if earlier else max(1, cfg.rounds // 4)
+        if cfg.lr_schedule == "cosine" and cfg.lr_schedule_rounds is None:
+            earlier = (saved or {}).get("lr-schedule-rounds")
+            cfg.lr_schedule_rounds = int(earlier) if earlier else cfg.rounds
         return cfg
 
     def run_dir(self) -> Path:
@@ -430,6 +510,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{_kebab(name)} cannot be empty")
     if isinstance(value, str) and tp is not str:
         return _parse(name, value)
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # sim-workers = 2 in a TOML file
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{_kebab(name)} must be a list, got {value!r}")

@@ -82,7 +82,7 @@ def exact_lora_mean(states: Sequence[State], weights: Sequence[float], scaling: 
     """
     import torch
 
-    from ..methods.lora import svd_factors
+    from ..tensors import svd_factors
 
     out = fedavg(states, weights)  # the head; LoRA entries are overwritten below
     w = np.asarray(weights, dtype=np.float64)

@@ -118,9 +118,13 @@ class Runtime:
                                   self.tokenizer, self.device)
 
 
-def set_threads(cfg: RunConfig) -> None:
-    """Torch threads per worker: ``threads`` if set, else the cores shared among workers."""
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.sim_workers)
+def set_threads(cfg: RunConfig, server: bool = False) -> None:
+    """Torch threads: ``threads`` if set; else a worker's share of the cores
+    (``resources.plan_resources``), or every core for the server, which evaluates while the
+    workers wait."""
+    from .resources import plan_resources
+
+    threads = cfg.threads or ((os.cpu_count() or 1) if server else plan_resources(cfg).threads)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

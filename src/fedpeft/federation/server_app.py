@@ -45,6 +45,7 @@ from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
+from ..schedule import client_lr, sampling_probabilities  # noqa: E402
 from .aggregation import WeightedMean  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
@@ -78,6 +79,7 @@ from .state import (  # noqa: E402
     num_parameters,
     to_record,
 )
+from ..training import resolve_precision  # noqa: E402
 from .validation import check_finite, check_update, check_weight, ordered_like  # noqa: E402
 
 Record = dict[str, Any]
@@ -120,7 +122,7 @@ def prepare(cfg: RunConfig) -> Runtime:
     model = Path(cfg.model).expanduser()
     if cfg.model.startswith(("/", ".", "~")) and not model.is_dir():
         raise ConfigError(f"model={cfg.model}: no such model folder")
-    set_threads(cfg)
+    set_threads(cfg, server=True)
     runtime = Runtime(cfg)
     runtime.partition()
     runtime.features("test")  # tokenise once, before the clock of round 1 starts
@@ -212,7 +214,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         t0 = time.perf_counter()
         node_changes = refresh_nodes(grid, nodes, min(cfg.round_timeout or 60.0, 60.0))
         config = {**base_config, **runtime.method.client_config(server_round),
-                  "round": server_round}
+                  "round": server_round, "lr": client_lr(runtime.method, cfg, server_round)}
         result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes,
                              strategy)
         t_train = time.perf_counter()
@@ -257,6 +259,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "metrics": metrics_eval,
             "bytes-down": result.bytes_down,
             "bytes-up": result.bytes_up,
+            "lr": config["lr"],  # the clients' rate this round (schedule.py)
             "seconds": t_end - t0,
             "seconds-train": t_train - t0,
             "seconds-client-max": max((u.seconds for u in result.updates), default=0.0),
@@ -296,6 +299,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "frozen-digest-start": digest_start,
         "frozen-digest-end": frozen_digest(runtime.model),
         "strategy": cfg.strategy,
+        # what precision=auto meant here (the server's evaluation; clients resolve it alike)
+        "precision": resolve_precision(runtime.device, cfg.precision),
         **({"privacy": privacy_spent(strategy) or {"note": accounting_note(cfg)}}
            if cfg.dp != "none" else {}),
     })
@@ -356,7 +361,8 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
     anchor_key = str(config["anchor-id"])
     for attempt in range(attempts):
         sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
-                                                        replace=False))
+                                                        replace=False,
+                                                        p=sampling_probabilities(cfg, sizes)))
         result.clients, result.attempts, result.updates = sampled, attempt + 1, []
         result.mean = WeightedMean() if streams(strategy) else None
         live = []

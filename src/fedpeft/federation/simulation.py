@@ -1,7 +1,7 @@
 """Run a federation on this machine with Flower's simulation runtime (Ray actors as clients).
 
 ``simulate(cfg)`` is what ``fedpeft run`` calls: it makes the run folder, binds a ServerApp to
-the config, and starts ``cfg.num_clients`` virtual SuperNodes served by ``cfg.sim_workers`` Ray
+the config, and starts ``cfg.num_clients`` virtual SuperNodes served by ``sim-workers`` Ray
 actors (each actor holds one frozen base model and serves many clients in turn).
 """
 
@@ -20,20 +20,26 @@ from typing import Any  # noqa: E402
 from ..config import RunConfig  # noqa: E402
 from ..errors import RunFailedError  # noqa: E402
 from .client_app import app as client_app  # noqa: E402
+from .resources import plan_resources  # noqa: E402
 from .server_app import make_server_app, open_run  # noqa: E402
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray settings: loopback only, no dashboard, ``sim-workers`` actors sharing the cores."""
-    cores = os.cpu_count() or 1
-    per_worker = max(1, cores // cfg.sim_workers)
-    gpus = 1.0 / cfg.sim_workers if cfg.device.startswith("cuda") else 0.0
+    """Ray settings: loopback only, no dashboard, the workers of ``plan_resources``."""
+    plan = plan_resources(cfg)
     return {
-        "client_resources": {"num_cpus": per_worker, "num_gpus": gpus},
-        "init_args": {"num_cpus": per_worker * cfg.sim_workers, "include_dashboard": False,
+        "client_resources": {"num_cpus": plan.cpus, "num_gpus": plan.gpus},
+        "init_args": {"num_cpus": plan.cpus * plan.workers, "include_dashboard": False,
                       "logging_level": logging.ERROR, "log_to_driver": True,
-                      "_node_ip_address": "127.0.0.1"},
+                      "_node_ip_address": "127.0.0.1",
+                      **({"num_gpus": _gpus_needed(plan)} if plan.gpus else {})},
     }
+
+
+def _gpus_needed(plan) -> int:  # noqa: ANN001
+    import math
+
+    return math.ceil(plan.gpus * plan.workers - 1e-9)
 
 
 def simulate(cfg: RunConfig, overwrite: bool = False,

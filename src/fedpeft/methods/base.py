@@ -22,6 +22,7 @@ import torch
 
 from ..config import RunConfig
 from ..models import head_module_names
+from ..tensors import load_trainable_state, trainable_state
 
 
 class Method(ABC):
@@ -62,14 +63,10 @@ class Method(ABC):
     # --- what travels, and multi-stage methods (SLoRA). The defaults fit single-stage methods.
     def export_state(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
         """The tensors a client uploads and the server broadcasts: the trainable parameters."""
-        from ..federation.state import trainable_state
-
         return trainable_state(model)
 
     def import_state(self, model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
         """Load a broadcast (or aggregated) state into ``model``."""
-        from ..federation.state import load_trainable_state
-
         load_trainable_state(model, state)
 
     def client_config(self, server_round: int) -> dict[str, Any]:

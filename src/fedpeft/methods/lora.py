@@ -18,6 +18,18 @@ differ only in how A and B start, as in PEFT's single ``init_lora_weights`` fiel
 - ``SLoRA`` (``slora.py``): A and B from the SVD of a sparse federated first stage.
 
 The SVD factorisation is a pure function, ``svd_factors``, shared with SLoRA's stage switch.
+
+Variants, through PEFT's own flags (``lora-dora``, ``lora-rslora``; docs/methods.md):
+
+- rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732): s = alpha / sqrt(r) (PEFT ``use_rslora``).
+  Everything here reads the layer's own ``scaling["default"]``, so FeDeRA's factors and residual
+  stay exact; ``lora_scaling(cfg)`` gives the same s to the server (exact-lora aggregation).
+- DoRA (Liu et al., 2024, arXiv 2402.09353; PEFT ``use_dora``): the layer computes
+  m * (W + s B A) / ||W + s B A|| (norms per output row), m trainable (``lora_magnitude_vector``,
+  d_out per target), so it trains and travels with A and B. PEFT sets m = ||W + s B A|| when the
+  layer is built; FeDeRA replaces W, A and B afterwards, so ``apply_anchor`` sets m again from
+  the residual and A0, B0 (``reset_magnitude``): m = ||W_res + s B0 A0|| = ||W||, and the output
+  is unchanged at init, as with PEFT's own PiSSA + DoRA (PiSSA first, then DoRA's init).
 """
 
 from __future__ import annotations
@@ -27,24 +39,8 @@ import time
 import torch
 
 from ..models import head_module_names, query_value_modules
+from ..tensors import svd_factors  # noqa: F401 (FeDeRA's and SLoRA's factors)
 from .base import Method
-
-
-def svd_factors(matrix: torch.Tensor, rank: int,
-                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` factors of ``matrix`` (d_out, d_in) such that ``scaling * B @ A`` is its best
-    rank-r approximation: A = sqrt(S_r/s) V_r^T (r, d_in), B = U_r sqrt(S_r/s) (d_out, r).
-
-    Computed with a full SVD in float64, so the result does not depend on a random sketch.
-    """
-    if rank > min(matrix.shape):
-        raise ValueError(f"lora-rank={rank} exceeds the layer's smallest dimension "
-                         f"{min(matrix.shape)} (shape {tuple(matrix.shape)})")
-    u, s, vh = torch.linalg.svd(matrix.detach().to(torch.float64), full_matrices=False)
-    root = torch.sqrt(s[:rank] / scaling)  # (r,)
-    a = root[:, None] * vh[:rank]  # (r, d_in)
-    b = u[:, :rank] * root[None, :]  # (d_out, r)
-    return a.to(matrix.dtype), b.to(matrix.dtype)
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -75,6 +71,8 @@ class LoRA(Method):
             target_modules=targets,
             modules_to_save=head_module_names(model),  # the head trains and travels
             init_lora_weights=self.init,
+            use_dora=self.cfg.lora_dora,
+            use_rslora=self.cfg.lora_rslora,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
@@ -128,6 +126,7 @@ class FeDeRA(LoRA):
                 base.weight.copy_(residual(base.weight, a, b, layer.scaling["default"]))
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)
+                reset_magnitude(layer)  # DoRA: m from the new W, A, B (no-op without DoRA)
                 layer._fedpeft_residual = True
 
 
@@ -144,6 +143,30 @@ class FFALoRA(LoRA):
         for layer in lora_layers(model).values():
             layer.lora_A.requires_grad_(False)
         return model
+
+
+def lora_scaling(cfg) -> float:
+    """The LoRA scale s of ``cfg`` as PEFT computes it: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+    import math
+
+    root = math.sqrt(cfg.lora_rank) if cfg.lora_rslora else cfg.lora_rank
+    return cfg.lora_alpha / root
+
+
+def reset_magnitude(layer: torch.nn.Module, adapter: str = "default") -> None:
+    """DoRA: set the layer's magnitude m to ||W + s B A|| (per output row) for its current W, A
+    and B, as PEFT does when it builds the layer, so that the layer computes W + s B A exactly.
+    Uses PEFT's own norm (``DoraLinearLayer.get_weight_norm``), the one its forward divides by.
+    A layer without DoRA is left as it is."""
+    dora = getattr(layer, "lora_magnitude_vector", {})
+    if adapter not in dora:
+        return
+    magnitude = dora[adapter]
+    with torch.no_grad():
+        lora_weight = magnitude.get_lora_weight(layer.lora_A[adapter], layer.lora_B[adapter])
+        norm = magnitude.get_weight_norm(layer.get_base_layer().weight, lora_weight,
+                                         scaling=layer.scaling[adapter])
+        magnitude.weight.copy_(norm)
 
 
 def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
