@@ -21,11 +21,12 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-def make_run(model: str, method: str, folder) -> Runtime:
+def make_run(model: str, method: str, folder, *extra: str) -> Runtime:
     """A finished run folder whose global state is the init plus seeded noise (as if trained)."""
     cfg = load_config(None, [f"model={model}", f"method={method}", "lora-rank=4", "lora-alpha=8",
                              "rounds=2", "slora-stage1-rounds=1", "slora-density=0.1",
-                             "max-train-samples=32", "max-test-samples=8", f"out={folder}"])
+                             "max-train-samples=32", "max-test-samples=8", f"out={folder}",
+                             *extra])
     log = RunLog.create(cfg)
     rt = Runtime(cfg)
     rt.method.make_anchor(rt.model)
@@ -48,12 +49,19 @@ def test_pissa_to_lora_hand_checked():
     assert torch.equal(b2 @ a2, torch.tensor([[2.0, 6.0], [3.0, 8.0]]))
 
 
-@pytest.mark.parametrize("method", LORA_FAMILY)
-def test_peft_and_merged_exports_match_the_in_memory_model(tiny_models, tmp_path, method):
+VARIANTS = [(m, ()) for m in LORA_FAMILY] + [
+    ("federa", ("lora-rslora=true",)), ("federa", ("lora-dora=true",)),
+    ("federa", ("lora-dora=true", "lora-rslora=true")), ("slora", ("lora-dora=true",))]
+
+
+@pytest.mark.parametrize(("method", "variant"), VARIANTS,
+                         ids=["-".join([m, *(v.split("=")[0] for v in x)]) for m, x in VARIANTS])
+def test_peft_and_merged_exports_match_the_in_memory_model(tiny_models, tmp_path, method,
+                                                           variant):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    rt = make_run(tiny_models("bert"), method, tmp_path / "run")
+    rt = make_run(tiny_models("bert"), method, tmp_path / "run", *variant)
     expected = logits(rt.model)
     kwargs = rt.task.model_kwargs()
 

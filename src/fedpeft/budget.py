@@ -7,7 +7,13 @@ import dataclasses
 import json
 from typing import Any
 
-from .config import RunConfig
+from .config import LORA_FAMILY, RunConfig
+
+
+def variant_label(cfg: RunConfig) -> str:
+    """``cfg.method`` with its LoRA variants, e.g. ``federa+dora+rslora``."""
+    flags = [name for name, on in (("dora", cfg.lora_dora), ("rslora", cfg.lora_rslora)) if on]
+    return "+".join([cfg.method, *flags]) if cfg.method in LORA_FAMILY else cfg.method
 
 
 def method_budget(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -33,8 +39,8 @@ def method_budget(cfg: RunConfig) -> list[dict[str, Any]]:
         state = trainable_state(runtime.model)
         payload = to_record(state).count_bytes()
         total = sum(p.numel() for p in runtime.model.parameters())
-        label = (cfg.method if len(stages) == 1
-                 else f"{cfg.method} (rounds {rounds[0]}-{rounds[-1]})")
+        name = variant_label(cfg)  # DoRA's magnitudes are trainable, so they count here
+        label = name if len(stages) == 1 else f"{name} (rounds {rounds[0]}-{rounds[-1]})"
         rows.append({
             "method": label,
             "trainable-params": num_parameters(state),
@@ -46,8 +52,18 @@ def method_budget(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def for_method(cfg: RunConfig, method: str) -> RunConfig:
+    """``cfg`` for ``method``; the LoRA variants are kept for the LoRA family only (SLoRA keeps
+    rsLoRA: DoRA is refused with it, see config.py), so that ``fedpeft methods lora-dora=true``
+    lists every method, the LoRA family with DoRA."""
+    family = method in LORA_FAMILY
+    return dataclasses.replace(cfg, method=method,
+                               lora_dora=cfg.lora_dora and family and method != "slora",
+                               lora_rslora=cfg.lora_rslora and family)
+
+
 def budget_table(cfg: RunConfig, methods: list[str]) -> str:
-    rows = [row for m in methods for row in method_budget(dataclasses.replace(cfg, method=m))]
+    rows = [row for m in methods for row in method_budget(for_method(cfg, m))]
     lines = [f"model={cfg.model} task={cfg.task}",
              "| method | trainable params | % of model | MB up per round | MB down per round "
              "| one-off MB (anchor) |",

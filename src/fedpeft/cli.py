@@ -4,6 +4,7 @@
     fedpeft compare [--methods a,b] [key=value ...]  several methods on the same partition + table
     fedpeft partition [key=value ...]                the non-IID split's statistics, no training
     fedpeft methods [key=value ...]                  trainable parameters and bytes per method
+    fedpeft strategies                               aggregation strategies, their settings, DP
     fedpeft export RUN_DIR --format peft|merged --out DIR   the final model, outside fedpeft
     fedpeft run --help-config                        every setting with its default
 
@@ -13,28 +14,57 @@ Settings are ``RunConfig`` fields in kebab case (``num-clients=100``); see ``fed
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import offline
 from .config import ConfigError, RunConfig, describe_fields, load_config
+from .errors import FedpeftError
 
 # The embedded default of `fedpeft compare`: a real federated FeDeRA-vs-FedLR run on SemEval
 # that finishes in about 10 minutes on 2 CPU cores (see README for the measured output).
-DEMO = RunConfig(
+DEMO = RunConfig(  # lr: both methods' choice in the project's federated lr grid on SemEval
     task="semeval", rounds=4, num_clients=10, clients_per_round=3, alpha=1.0, eval_every=2,
+    lr=5e-3,
 )
 DEMO_METHODS = ["fedlr", "federa"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status (0 ok, 2 a user error, 1 a fedpeft bug,
+    130 interrupted). ``--debug`` (anywhere, or ``FEDPEFT_DEBUG=1``) adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FEDPEFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv, debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("fedpeft: interrupted; finished rounds are in the run folder", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line (see explain)
+        if debug:
+            traceback.print_exc()
+        code, message = explain(err)
+        print(f"fedpeft: error: {message}", file=sys.stderr)
+        return code
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = _parser()
-    # Overrides may come before or after options (`run --overwrite rounds=3 seed=1`).
-    args, rest = parser.parse_known_args(argv)
-    unknown = [r for r in rest if "=" not in r or r.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        # Overrides may come before or after options (`run --overwrite rounds=3 seed=1`).
+        args, rest = parser.parse_known_args(argv)
+        unknown = [r for r in rest if "=" not in r or r.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as done:  # --help, or a usage error already printed by _Parser.error
+        return done.code if isinstance(done.code, int) else 0
     if rest:
         args.overrides = [*args.overrides, *rest]
     if args.command is None:
@@ -45,28 +75,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_fields())
         return 0
     offline.apply()
-    from .partition import PartitionError
-    from .runlog import RunExistsError
-    from .tasks import DataError
+    return args.func(args)
 
-    try:
-        return args.func(args)
-    # OSError: a model folder or hub id that cannot be read (transformers raises OSError)
-    except (ConfigError, DataError, PartitionError, RunExistsError, ValueError, OSError) as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedpeft: interrupted; finished rounds are in the run folder", file=sys.stderr)
-        return 130
+
+def explain(err: BaseException) -> tuple[int, str]:
+    """The exit status and one-line message for an exception that ended a command.
+
+    A ``FedpeftError`` (a setting, a file, a model, a run folder, a federation) and the errors of
+    the libraries that stem from what the user gave (``ValueError``, ``OSError``: a file that
+    cannot be read or written, a full disk; out of memory) are the user's to fix: status 2.
+    Anything else is a bug in fedpeft: status 1, with the exception named.
+    """
+    text = _one_line(str(err))
+    if isinstance(err, FedpeftError):
+        return 2, text or type(err).__name__
+    memory = _out_of_memory(err)
+    if memory:
+        return 2, memory
+    if type(err).__name__ == "SafetensorError":  # a damaged file in a run folder
+        return 2, (f"a .safetensors file is damaged or is not one ({text}); rerun with --debug "
+                   "to see which")
+    if isinstance(err, OSError):
+        name = err.filename if err.filename is not None else ""
+        cause = err.strerror or text or type(err).__name__
+        return 2, f"{name}: {cause}" if name else cause
+    if isinstance(err, UnicodeError):  # the file is unknown here; say what was expected
+        return 2, f"a file is not UTF-8 text ({text}); rerun with --debug to see which"
+    if isinstance(err, ValueError):
+        return 2, text or type(err).__name__
+    return 1, (f"unexpected {type(err).__name__}: {text or '(no message)'} -- a bug in fedpeft; "
+               "rerun with --debug for the traceback")
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        where = "the GPU" if "CUDA" in str(err) or "cuda" in type(err).__module__ else "this machine"
+        return (f"out of memory on {where}; lower batch-size, eval-batch-size, max-length or "
+                "sim-workers")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line ``fedpeft: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("fedpeft").strip()
+        where = f"fedpeft {command}" if command else "fedpeft"
+        print(f"fedpeft: error: {command + ': ' if command else ''}{message} (see `{where} "
+              "--help`)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
+    parser = _Parser(prog="fedpeft", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)  # options of every command
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback "
+                        "too (also before the command, or FEDPEFT_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback "
+                        "too (may also follow the command; or set FEDPEFT_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="settings, e.g. method=federa rounds=50 (see --help-config)")
         p.add_argument("--config", help="TOML file of settings (overrides win over it)")
@@ -92,10 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", default=None, help="comma-separated seeds (default: seed)")
     compare.add_argument("--root", default=None, help="folder of the runs (default: "
                          "runs/demo for the demo, else runs/compare/<task>-a<alpha>)")
-    command("partition", _partition, "print the Dirichlet split's statistics without training")
+    command("partition", _partition, "print the client split's statistics without training")
     command("methods", _methods, "trainable parameters and bytes per client per round, "
             "per method, for the configured model and task")
-    export = sub.add_parser("export", help="save a finished run's global model as a PEFT "
+    command("strategies", _strategies, "the aggregation strategies (Flower's), their settings "
+            "with Flower's defaults, and the differential-privacy modes")
+    export = sub.add_parser("export", parents=[common], help="save a finished run's global model as a PEFT "
                             "adapter or a merged transformers model", description=(
                                 "Export RUN_DIR's final global model (see fedpeft.export): "
                                 "--format peft for the LoRA family (PeftModel.from_pretrained), "
@@ -105,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
     export.add_argument("--out", required=True, help="folder to write")
     export.set_defaults(func=_export, overrides=[])
-    report = sub.add_parser("report", help="REPORT.md + PNG plots from run folders (tables, "
+    report = sub.add_parser("report", parents=[common], help="REPORT.md + PNG plots from run folders (tables, "
                             "time to target, partitions, drift)", description=(
                                 "Build REPORT.md and its plots from run folders only (see "
                                 "docs/reports.md). RUN_DIR: a run folder or a tree of them."))
@@ -129,7 +206,18 @@ def _parser() -> argparse.ArgumentParser:
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report, parse_rounds, report_command
 
-    path = build_report(args.run_dirs, out=args.out, target=args.target,
+    out = Path(args.out) if args.out else None
+    if out is None:  # report/ beside the runs: beside a single run folder, not inside it
+        common = Path(os.path.commonpath([Path(p).resolve() for p in args.run_dirs]))
+        top = next((p for p in reversed([common, *common.parents]) if is_run_folder(p)), None)
+        out = (top.parent if top is not None else common) / "report"
+    inside = next((p for p in [out.resolve(), *out.resolve().parents] if is_run_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(f"--out {out} is inside the run folder {inside}; write the report "
+                          "elsewhere (run folders are never written into)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a folder for REPORT.md")
+    path = build_report(args.run_dirs, out=out, target=args.target,
                         bandwidth_mbit=args.bandwidth_mbit, rounds=parse_rounds(args.rounds),
                         metric=args.metric, command=report_command(args), up_to=args.up_to)
     print(f"wrote {path} and its figures")
@@ -155,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+        check_run_folder(cfg.run_dir(), args.overwrite)
     summary = simulate(cfg, overwrite=args.overwrite, resume=bool(args.resume))
     print(results_table([summary]))
     if summary.get("failures") or summary.get("rejected") or summary.get("skipped-rounds"):
@@ -170,19 +259,87 @@ def _compare(args: argparse.Namespace) -> int:
 
     demo = not (args.overrides or args.config or args.sweep or args.lr_grid)
     base = load_config(args.config, args.overrides, base=DEMO if demo else None)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    methods = _methods_list(args.methods)
+    seeds = _seeds_list(args.seeds) if args.seeds else [base.seed]
     root = args.root or ("runs/demo" if demo else default_root(base))
-    jobs = plan(base, methods, parse_assignments(args.sweep, "--sweep"),
-                parse_assignments(args.lr_grid, "--lr-grid"), seeds, root)
+    if is_run_folder(Path(root)) or any(map(is_run_folder, Path(root).resolve().parents)):
+        raise ConfigError(f"--root {root} is (inside) a run folder; pass a folder for the "
+                          "comparison's runs (each gets a subfolder)")
+    sweeps = parse_assignments(args.sweep, "--sweep")
+    for key in sweeps:
+        other = {"method": "--methods", "seed": "--seeds", "lr": "--lr-grid", "out": "--root"}
+        if key.replace("_", "-") in other:
+            raise ConfigError(f"--sweep {key}=...: use {other[key.replace('_', '-')]} instead")
+    jobs = plan(base, methods, sweeps, parse_assignments(args.lr_grid, "--lr-grid"), seeds, root)
+    for job in jobs:  # each job's folder is (re)started with overwrite unless it is resumed
+        check_run_folder(job.cfg.run_dir(), overwrite=True)
 
     def run_one(cfg: RunConfig, resume: bool) -> dict:
         return simulate(cfg, overwrite=not resume, resume=resume)
 
     results = run_jobs(jobs, run_one, overwrite=args.overwrite,
                        log=lambda line: print(line, file=sys.stderr))
-    print(results_table(select_learning_rates(results)))
+    kept = select_learning_rates(results)
+    print(results_table(kept))
+    print(baseline_line(kept))
     return 0
+
+
+def baseline_line(summaries: list[dict[str, Any]]) -> str:
+    """The majority-class bar beside a classification table ("" for other tasks)."""
+    baseline = next((s["baseline"] for s in summaries if s.get("baseline")), None)
+    if not baseline:
+        return ""
+    return (f"majority-class baseline (always '{baseline['label']}', the commonest training "
+            f"label): test accuracy {baseline['accuracy']:.4f}")
+
+
+RUN_FILES = ("partition.json", "rounds.jsonl", "summary.json", "checkpoint.safetensors",
+             "final_state.safetensors")
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a fedpeft run (its config.toml and something a run wrote)."""
+    return (path / "config.toml").is_file() and any((path / f).exists() for f in RUN_FILES)
+
+
+def check_run_folder(path: Path, overwrite: bool) -> None:
+    """Refuse a new run's folder that is a file, lies inside another run's folder, or that
+    ``--overwrite`` would delete although it holds no run."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out={path} is a file; expected a folder for the run")
+    inside = next((p for p in path.resolve().parents if is_run_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(f"out={path} is inside the run folder {inside}; choose a folder "
+                          "outside it (run folders are never written into)")
+    if overwrite and path.is_dir() and any(path.iterdir()) and \
+            not (path / "config.toml").is_file():
+        raise ConfigError(f"out={path} holds files but no fedpeft run (no config.toml); "
+                          "--overwrite only replaces run folders, so choose another out=")
+
+
+def _methods_list(text: str) -> list[str]:
+    """``--methods a,b``: known method names, each once, in order."""
+    from .methods import METHODS
+
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        what = f"unknown method {unknown[0]!r}" if unknown else "no method"
+        raise ConfigError(f"--methods {text!r}: {what}; expected comma-separated names from "
+                          f"{', '.join(METHODS)}")
+    return methods
+
+
+def _seeds_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: integers, each once, in order."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}")
+    return list(dict.fromkeys(seeds))
 
 
 def results_table(summaries: list[dict[str, Any]]) -> str:
@@ -211,15 +368,23 @@ def _fmt(value: float | None) -> str:
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from .partition import describe, dirichlet_partition
+    from .partition import describe, make_partition, partition_summary
     from .tasks import make_task
 
     cfg = load_config(args.config, args.overrides)
     task = make_task(cfg)
     classes = task.partition_classes(task.examples("train"))
-    partition = dirichlet_partition(classes, cfg.num_clients, cfg.alpha, cfg.seed, cfg.min_size)
-    print(f"task={cfg.task} num-clients={cfg.num_clients} alpha={cfg.alpha} seed={cfg.seed}")
+    partition = make_partition(classes, cfg)
+    print(f"task={cfg.task} num-clients={cfg.num_clients} {partition_summary(cfg)} "
+          f"min-size={cfg.min_size} seed={cfg.seed}")
     print(describe(partition))
+    return 0
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    from .federation.strategies.build import strategies_table
+
+    print(strategies_table())
     return 0
 
 

@@ -63,7 +63,14 @@ class RunConfig:
     client_sampling: str = setting(
         "uniform", "uniform | size: a client's chance to be sampled proportional to its shard",
         structural=False)
+    partition: str = setting(
+        "balanced-dirichlet", "balanced-dirichlet | dirichlet | iid | shards | quantity (README)")
     alpha: float = setting(1.0, "Dirichlet concentration; smaller = more heterogeneous")
+    classes_per_client: int | None = setting(None, "partition=shards: classes k of each client")
+    quantity_alpha: float | None = setting(
+        None, "partition=quantity: client sizes ~ Dirichlet(this) * n")
+    quantity_exponent: float | None = setting(
+        None, "partition=quantity: client j's size ~ (j+1)^this (power law)")
     min_size: int = setting(2, "every client gets at least this many training examples")
     seed: int = setting(0, "one seed for the partition, client sampling, init and local shuffles")
     eval_every: int = setting(
@@ -204,6 +211,15 @@ class RunConfig:
         "run folder; {field} is filled in",
         resumable=True, structural=False)
     progress: bool = setting(True, "show a progress bar", resumable=True, structural=False)
+    # --- experiment tracking (docs/reports.md); logging only, so a resume may change it --------
+    track: str = setting(
+        "none", "none | tensorboard | mlflow | tensorboard,mlflow: also log there",
+        resumable=True, structural=False)
+    track_uri: str | None = setting(
+        None, "MLflow tracking URI; None = sqlite:///<run>/mlflow.db (no server)",
+        resumable=True, structural=False)
+    track_experiment: str | None = setting(
+        None, "MLflow experiment name; None = the task", resumable=True, structural=False)
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
@@ -240,6 +256,9 @@ class RunConfig:
             )
         if not self.alpha > 0:
             raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
+        from .partition import check_partition_settings
+
+        check_partition_settings(self)
         if not self.lora_alpha > 0:
             raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -257,6 +276,9 @@ class RunConfig:
         from .federation.strategies import check_strategy_settings
 
         check_strategy_settings(self)
+        from .tracking import check_track
+
+        check_track(self)
         if self.dp_delta is not None and not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
         if self.adapter_reduction <= 0:
@@ -310,10 +332,6 @@ class RunConfig:
         if variants and self.method not in LORA_FAMILY:
             raise ConfigError(f"{' and '.join(variants)} apply to the LoRA family "
                               f"({', '.join(LORA_FAMILY)}), not method={self.method}")
-        if self.lora_dora and self.method == "slora":  # see docs/methods.md
-            raise ConfigError("lora-dora with method=slora is not supported yet: SLoRA's switch "
-                              "sets A and B after the model is built, and does not yet reset "
-                              "DoRA's magnitude to match them")
 
     def _validate_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:

@@ -26,6 +26,8 @@ Both folders also get the tokenizer and ``fedpeft-export.json`` (method, base mo
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from .config import load_config
+from .errors import FedpeftError
 from .federation.runtime import Runtime
 from .methods.adapter import Adapted
 from .methods.lora import lora_layers
@@ -53,22 +56,74 @@ def pissa_to_lora(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor,
 def load_run(run_dir: str | Path) -> tuple[Runtime, dict[str, torch.Tensor] | None]:
     """The run's global model on the CPU (in ``runtime.model``) and its anchor, if any."""
     run = Path(run_dir)
-    for name in ("config.toml", "final_state.safetensors"):
-        if not (run / name).exists():
-            raise ValueError(f"{run} is not a finished run folder: {name} is missing")
+    check_run(run)
     runtime = Runtime(load_config(run / "config.toml", ["device=cpu"]))
-    states = [r["method-state"] for r in read_rounds(run) if "method-state" in r]
+    try:
+        rounds = read_rounds(run)
+    except (ValueError, OSError) as err:
+        raise ExportError(f"{run / 'rounds.jsonl'}: cannot be read ({err}); expected one JSON "
+                          "object per line, as fedpeft writes it") from None
+    states = [r["method-state"] for r in rounds if isinstance(r, dict) and "method-state" in r]
     if states:
         runtime.method.load_state_dict(states[-1], runtime)
     anchor = runtime.method.make_anchor(runtime.model)
-    runtime.method.import_state(runtime.model, load_state(run / "final_state.safetensors"))
+    final = run / "final_state.safetensors"
+    try:
+        state = load_state(final)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportError(f"{final}: not a readable safetensors file ({_first_line(err)})"
+                          ) from None
+    try:
+        runtime.method.import_state(runtime.model, state)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise ExportError(f"{final} does not match the model that {run / 'config.toml'} "
+                          f"describes ({_first_line(err)})") from None
     return runtime, anchor
+
+
+class ExportError(FedpeftError, ValueError):
+    """The run folder cannot be exported, or the output folder is not a place to write to."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_run(run: Path) -> None:
+    """Raise ``ExportError`` unless ``run`` is a finished run folder."""
+    if not run.is_dir():
+        raise ExportError(f"{run} is not a run folder: "
+                          f"{'it is a file' if run.exists() else 'no such folder'}")
+    for name in ("config.toml", "final_state.safetensors"):
+        if not (run / name).is_file():
+            raise ExportError(f"{run} is not a finished run folder: {name} is missing")
+
+
+def check_output(run_dir: str | Path, out: str | Path) -> None:
+    """Refuse an output folder that would overwrite something: the run folder itself or a
+    folder inside a run folder, a file, or a non-empty folder that is not an earlier export."""
+    from .cli import is_run_folder
+
+    out, run = Path(out), Path(run_dir)
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if is_run_folder(folder) or folder == run.resolve():
+            raise ExportError(f"--out {out} is inside the run folder {folder}; write the export "
+                              "elsewhere (run folders are never written into)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; expected a folder to write (new or empty)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "fedpeft-export.json").exists():
+        raise ExportError(f"--out {out} is a folder that holds other files; expected a new or "
+                          "empty folder (or an earlier fedpeft export, which is replaced)")
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
     """Write the run's global model to ``out`` in format ``peft`` or ``merged``."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_run(Path(run_dir))
+    check_output(run_dir, out)
     runtime, anchor = load_run(run_dir)
     out = Path(out)
     model = peft_model(runtime, anchor) if fmt == "peft" else merged_model(runtime)
@@ -91,8 +146,8 @@ def peft_model(runtime: Runtime, anchor: dict[str, torch.Tensor] | None) -> torc
 
     model = runtime.model
     if not isinstance(model, PeftModel):
-        raise ValueError(f"{runtime.cfg.method} is not a LoRA-family method, so it has no PEFT "
-                         "adapter; use --format merged")
+        raise ExportError(f"{runtime.cfg.method} is not a LoRA-family method, so it has no PEFT "
+                          "adapter; use --format merged")
     return plain_lora(runtime, anchor) if anchor else model
 
 
@@ -104,7 +159,9 @@ def plain_lora(runtime: Runtime, anchor: dict[str, torch.Tensor]) -> torch.nn.Mo
 
     trained = runtime.model
     config = copy.deepcopy(trained.peft_config["default"])
-    config.r, config.lora_alpha = 2 * config.r, 2 * config.lora_alpha  # same s = alpha / r
+    # the same scaling s at rank 2r: alpha/r doubles alpha, rsLoRA's alpha/sqrt(r) by sqrt(2)
+    config.r = 2 * config.r
+    config.lora_alpha = (math.sqrt(2) if config.use_rslora else 2) * config.lora_alpha
     config.init_lora_weights = True
     config.inference_mode = False
     base = load_model(runtime.cfg.model, runtime.task.auto_model_class(), seed=runtime.cfg.seed,
@@ -118,7 +175,8 @@ def plain_lora(runtime: Runtime, anchor: dict[str, torch.Tensor]) -> torch.nn.Mo
                                  anchor[f"{name}.lora_B.default.weight"])
             targets[name].lora_A["default"].weight.copy_(a)
             targets[name].lora_B["default"].weight.copy_(b)
-        heads = {k: v for k, v in trained.state_dict().items() if ".modules_to_save." in k}
+        heads = {k: v for k, v in trained.state_dict().items()  # + DoRA's magnitudes
+                 if ".modules_to_save." in k or ".lora_magnitude_vector." in k}
         missing = set(heads) - set(plain.state_dict())
         if missing:
             raise RuntimeError(f"head tensors not found in the converted model: {sorted(missing)}")
@@ -133,9 +191,9 @@ def merged_model(runtime: Runtime) -> torch.nn.Module:
 
     model = runtime.model
     if any(isinstance(m, Adapted) for m in model.modules()):
-        raise ValueError(f"{runtime.cfg.method}'s bottleneck adapters are nonlinear modules that "
-                         "cannot be merged into the encoder's weights (and PEFT has no Houlsby "
-                         "adapters); use the run's final_state.safetensors with fedpeft")
+        raise ExportError(f"{runtime.cfg.method}'s bottleneck adapters are nonlinear modules "
+                          "that cannot be merged into the encoder's weights (and PEFT has no "
+                          "Houlsby adapters); use the run's final_state.safetensors with fedpeft")
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     for layer in sparse_layers(model).values():

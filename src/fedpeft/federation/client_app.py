@@ -116,7 +116,8 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
     with torch.random.fork_rng(devices=_cuda_devices(runtime)):
         torch.manual_seed(dropout_seed)  # dropout draws from the global RNG
         result = local_train(
-            runtime.model, rows, runtime.collate, lr=runtime.method.lr, epochs=cfg.local_epochs,
+            runtime.model, rows, runtime.collate, epochs=cfg.local_epochs,
+            lr=float(config.get("lr", runtime.method.lr)),  # the server's (schedule.py)
             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
             generator=torch.Generator().manual_seed(shuffle_seed), device=runtime.device,

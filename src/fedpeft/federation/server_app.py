@@ -45,6 +45,7 @@ from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
+from ..tracking import check_available, open_tracker  # noqa: E402
 from ..schedule import client_lr, sampling_probabilities  # noqa: E402
 from .aggregation import WeightedMean  # noqa: E402
 from .checkpoint import (  # noqa: E402
@@ -122,6 +123,7 @@ def prepare(cfg: RunConfig) -> Runtime:
     model = Path(cfg.model).expanduser()
     if cfg.model.startswith(("/", ".", "~")) and not model.is_dir():
         raise ConfigError(f"model={cfg.model}: no such model folder")
+    check_available(cfg)  # track=...: its library is installed
     set_threads(cfg, server=True)
     runtime = Runtime(cfg)
     runtime.partition()
@@ -208,6 +210,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         if not record.get("skipped"):
             break
         failed_in_a_row += 1
+    tracker = open_tracker(cfg, log.path, history)  # track=...: TensorBoard, MLflow
     setup_seconds = time.perf_counter() - started
 
     for server_round in range(done + 1, cfg.rounds + 1):
@@ -277,15 +280,16 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         }
         log.log_round(record)
         history.append(as_logged(record))  # exactly as a resumed run reads it back
+        saved_strategy, strategy_tensors = strategy_state(strategy)
         save_checkpoint(log.path, Checkpoint(
             round=server_round, global_state=global_state, sampler=sampler.bit_generator.state,
             anchored=[p for p, a in nodes.anchors.items() if anchor_key and a == anchor_key],
             method_state=runtime.method.state_dict(), history=history, anchor_id=anchor_key,
             config=cfg.to_dict(), seconds=before + time.perf_counter() - started,
-            **dict(zip(("strategy_state", "strategy_tensors"), strategy_state(strategy),
-                       strict=True))))
+            strategy_state=saved_strategy, strategy_tensors=strategy_tensors))
         if on_round is not None:
             on_round(record)
+        tracker.log_round(record)  # once checkpointed: a resume never logs a round twice
         check_progress(cfg, server_round, result, failed_in_a_row)  # after the round is logged
 
     log.save_state("final_state.safetensors", global_state)
@@ -298,6 +302,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "mean-pairwise-js": mean_pairwise_js(partition.histograms),
         "frozen-digest-start": digest_start,
         "frozen-digest-end": frozen_digest(runtime.model),
+        **({"baseline": baseline} if (baseline := runtime.task.baseline()) else {}),
         "strategy": cfg.strategy,
         # what precision=auto meant here (the server's evaluation; clients resolve it alike)
         "precision": resolve_precision(runtime.device, cfg.precision),
@@ -305,6 +310,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
            if cfg.dp != "none" else {}),
     })
     log.write_json("summary.json", summary)
+    tracker.finish(summary, log.path)
     return summary
 
 

@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from ..config import RunConfig
 from ..models import head_module_names, query_value_modules
 from ..tensors import svd_factors  # noqa: F401 (FeDeRA's and SLoRA's factors)
 from .base import Method
@@ -145,7 +146,7 @@ class FFALoRA(LoRA):
         return model
 
 
-def lora_scaling(cfg) -> float:
+def lora_scaling(cfg: RunConfig) -> float:
     """The LoRA scale s of ``cfg`` as PEFT computes it: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
     import math
 

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from ..config import RunConfig
 from ..models import head_module_names, query_value_modules
 from .base import freeze_all_but_head
-from .lora import LoRA, lora_layers, svd_factors
+from .lora import LoRA, lora_layers, reset_magnitude, svd_factors
 
 
 def sparse_indices(numel: int, density: float, rng: np.random.Generator) -> np.ndarray:
@@ -156,6 +156,7 @@ class SLoRA(LoRA):
                 a, b = svd_factors(dw, self.cfg.lora_rank, layer.scaling["default"])
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)
+                reset_magnitude(layer)  # DoRA: m = ||W0 + s B A||, the output stays exact
                 total = float(dw.double().square().sum())
                 low = float((layer.scaling["default"] * b.double() @ a.double()).square().sum())
                 kept.append(low / total if total > 0 else 1.0)

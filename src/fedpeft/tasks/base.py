@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class DataError(FedpeftError, ValueError):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
         self.path, self.line = str(path), line
+        self.gzip = False  # the file's gzip data is corrupt (see ``open_text``)
 
 
 @dataclass
@@ -150,9 +152,18 @@ class Task(ABC):
         return {"num_labels": len(names), "id2label": dict(enumerate(names)),
                 "label2id": {n: i for i, n in enumerate(names)}}
 
+    def baseline(self) -> dict[str, Any] | None:
+        """The metric of a trivial predictor (classification: the majority class), or None."""
+        return None
+
+    length_limit: int | None = None  # the model's longest input, set once the model is known
+
     @property
     def max_length(self) -> int:
-        return self.cfg.max_length or self.default_max_length
+        """``max-length``, else the task's default capped at the model's longest input."""
+        if self.cfg.max_length:
+            return self.cfg.max_length
+        return min(self.default_max_length, self.length_limit or self.default_max_length)
 
     # --- features ------------------------------------------------------------------------------
     @abstractmethod
@@ -191,7 +202,8 @@ def data_root(cfg: RunConfig) -> Path | None:
         root = Path(explicit).expanduser()
         if not root.is_dir():
             source = "data-dir" if cfg.data_dir else "$FEDPEFT_DATA"
-            raise DataError(root, f"data folder given by {source} does not exist")
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DataError(root, f"data folder given by {source} {what}")
         return root
     return None
 
@@ -224,14 +236,121 @@ def find_dataset(cfg: RunConfig, folder: str, files: Sequence[str]) -> dict[str,
                     "pass data-dir=... or set $FEDPEFT_DATA")
 
 
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a text file, transparently un-gzipping ``*.gz``. Universal newlines (CRLF ok)."""
+def open_text(path: str | Path) -> TextFile:
+    """Open a text file for reading: UTF-8 (a leading byte-order mark is dropped), universal
+    newlines (CRLF ok), gzip-compressed data un-gzipped whatever the file's name.
+
+    Every failure, at opening or while reading, is a ``DataError`` naming the file (and the line
+    where known) and what was expected: a missing file, a folder, no permission, text that is
+    not UTF-8, a ``.gz`` file that is not gzip or is truncated.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(path, "is a folder; expected a file")
+    if not path.exists():
         raise DataError(path, "file not found")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=None)
-    return open(path, encoding="utf-8", newline=None)  # noqa: SIM115
+    if not path.is_file():
+        raise DataError(path, "is not a regular file (a pipe or a device?); fedpeft reads its "
+                        "data files more than once, so pass a file")
+    try:
+        raw = open(path, "rb")  # noqa: SIM115
+    except PermissionError:
+        raise DataError(path, "cannot be read: permission denied") from None
+    except OSError as err:
+        raise DataError(path, f"cannot be opened: {err.strerror or err}") from None
+    try:
+        magic = raw.peek(2)[:2]
+    except OSError as err:
+        raw.close()
+        raise DataError(path, f"cannot be read: {err.strerror or err}") from None
+    gzipped = magic == GZIP_MAGIC
+    if path.suffix == ".gz" and not gzipped:
+        raw.close()
+        raise DataError(path, "is empty; expected gzip-compressed data" if not magic else
+                        "is not a gzip file, although its name ends in .gz")
+    stream: Any = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
+    return TextFile(path, text, raw, gzipped)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class TextFile:
+    """A text file open for reading (from ``open_text``): iterate over its lines, or ``read``.
+    Reading errors (text that is not UTF-8, corrupt or truncated gzip data, I/O errors) become
+    ``DataError``s naming the file and, where known, the line."""
+
+    def __init__(self, path: Path, text: io.TextIOWrapper, raw: Any, gzipped: bool) -> None:
+        self.path, self._text, self._raw, self.gzipped = path, text, raw, gzipped
+        self.line = 0  # lines returned so far
+
+    def __iter__(self) -> TextFile:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self._text)
+        except StopIteration:
+            raise
+        except Exception as err:  # noqa: BLE001 - translated or re-raised by _error
+            raise self._error(err) from None
+        self.line += 1
+        return line
+
+    def readline(self, size: int = -1) -> str:
+        try:
+            line = self._text.readline(size)
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err) from None
+        self.line += line.endswith("\n")
+        return line
+
+    def read(self, size: int = -1) -> str:
+        try:
+            return self._text.read(size)
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err) from None
+
+    def close(self) -> None:
+        try:
+            self._text.close()
+        finally:
+            self._raw.close()
+
+    def __enter__(self) -> TextFile:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, DataError) and self.gzipped and not exc.gzip:
+                self._check_gzip()  # garbage read from corrupt gzip data: say that instead
+        finally:
+            self.close()
+
+    def _check_gzip(self) -> None:
+        """Read the rest of the gzip stream; a ``DataError`` if it is corrupt or truncated."""
+        try:
+            while self._text.buffer.read(1 << 20):
+                pass
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err) from None
+
+    def _error(self, err: Exception) -> Exception:
+        """``err``, raised while reading, as a ``DataError`` (unexpected errors are returned)."""
+        path, line = self.path, self.line + 1
+        if isinstance(err, UnicodeDecodeError):
+            return undecodable(path, self.gzipped, err)
+        if isinstance(err, EOFError | gzip.BadGzipFile | zlib.error):
+            error = DataError(path, "gzip data ends early (a truncated file: an interrupted "
+                              "download or copy?)" if isinstance(err, EOFError) else
+                              f"corrupt gzip data ({err})",
+                              None if isinstance(err, gzip.BadGzipFile) else line)
+            error.gzip = True
+            return error
+        if isinstance(err, OSError):
+            return DataError(path, f"cannot be read: {err.strerror or err}", line)
+        return err
 
 
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -239,6 +358,28 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     with open_text(path) as fh:
         for number, line in enumerate(fh, start=1):
             yield number, line.rstrip("\n")
+
+
+def undecodable(path: Path, gzipped: bool, err: UnicodeDecodeError) -> DataError:
+    """A ``DataError`` saying where ``path`` stops being UTF-8 (line and byte offset)."""
+    try:
+        with open(path, "rb") as fh:
+            data = gzip.decompress(fh.read()) if gzipped else fh.read()
+        data.decode("utf-8")
+    except UnicodeDecodeError as located:
+        start = located.start
+        line: int | None = data.count(b"\n", 0, start) + 1
+        where = f"byte 0x{data[start]:02x} at offset {start}"
+    except Exception:  # noqa: BLE001 - the first error's position is all we have then
+        line, where, data = None, f"byte 0x{err.object[err.start]:02x}", b""
+    else:  # decodable as a whole (cannot happen); report the original error
+        line, where = None, str(err)
+    hint = ""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        hint = " (it looks like UTF-16; save it as UTF-8)"
+    elif b"\x00" in data[:4096]:
+        hint = " (it looks like a binary file)"
+    return DataError(path, f"is not UTF-8 text: {where}{hint}; expected a UTF-8 text file", line)
 
 
 class InvalidRecords:

@@ -66,18 +66,27 @@ class ClassificationTask(Task):
         pred = np.array(preds)
         return {"accuracy": float((gold == pred).mean()), "macro-f1": macro_f1(gold, pred)}
 
+    def baseline(self) -> dict[str, Any]:
+        """The test metric of always predicting the commonest training label (the bar a model
+        must clear to have learned anything)."""
+        train = [e["label"] for e in self.examples("train")]
+        label = max(dict.fromkeys(train), key=train.count)  # ties: the first seen
+        test = [e["label"] for e in self.examples("test")]
+        return {"accuracy": sum(t == label for t in test) / max(1, len(test)), "label": label}
+
     def _source(self, split: str) -> str:
         return f"{self.name} {split} split"
 
 
 def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
-    """Unweighted mean F1 over the classes present in ``gold``."""
-    scores = []
-    for c in np.unique(gold):
-        tp = float(np.sum((pred == c) & (gold == c)))
-        denom = float(np.sum(pred == c) + np.sum(gold == c))
-        scores.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(scores)) if scores else 0.0
+    """Unweighted mean F1 over the union of gold and predicted classes: scikit-learn's
+    ``f1_score(average="macro", zero_division=0)``, so a class that is only ever predicted
+    counts with F1 = 0 (it costs precision elsewhere) rather than being left out."""
+    from sklearn.metrics import f1_score
+
+    if len(gold) == 0:
+        return 0.0
+    return float(f1_score(gold, pred, average="macro", zero_division=0))
 
 
 # --- SemEval-2010 Task 8 -----------------------------------------------------------------------
@@ -188,8 +197,8 @@ class TextFiles(ClassificationTask):
 
 
 def read_text_file(path: str | Path, text_column: str, label_column: str) -> list[dict[str, Any]]:
-    """Read a CSV (header row) or JSONL file into ``{"text", "label"}`` examples, validating
-    that both columns exist and that no text is empty."""
+    """Read a CSV/TSV (header row) or JSONL file into ``{"text", "label"}`` examples, validating
+    that both columns exist, that every row has the header's fields and that no text is empty."""
     path = Path(path)
     name = path.name.removesuffix(".gz")
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -200,31 +209,89 @@ def read_text_file(path: str | Path, text_column: str, label_column: str) -> lis
             try:
                 rows.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(path, f"expected one JSON object per line: {err.msg}",
+                raise DataError(path, f"expected one JSON object per line: {err.msg} (column "
+                                f"{err.colno})", number) from None
+            except RecursionError:
+                raise DataError(path, "expected one JSON object per line: nested too deeply",
                                 number) from None
     elif name.endswith(".csv") or name.endswith(".tsv"):
-        with open_text(path) as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if name.endswith(".tsv") else ",")
-            for column in (text_column, label_column):
-                if column not in (reader.fieldnames or []):
-                    raise DataError(path, f"missing column {column!r}; the header has "
-                                    f"{reader.fieldnames}", 1)
-            rows = [(i + 2, r) for i, r in enumerate(reader)]
+        rows = _read_delimited(path, "\t" if name.endswith(".tsv") else ",", text_column,
+                               label_column)
     else:
-        raise DataError(path, "expected a .csv, .tsv or .jsonl file")
+        raise DataError(path, "expected a .csv, .tsv or .jsonl file (optionally .gz)")
     examples = []
     for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError(path, "expected a JSON object", number)
+            raise DataError(path, f"expected a JSON object, got {type(row).__name__} "
+                            f"{_short(row)}", number)
         for column in (text_column, label_column):
             if column not in row:
-                raise DataError(path, f"missing field {column!r}", number)
+                raise DataError(path, f"missing field {column!r} (text-column={text_column!r}, "
+                                f"label-column={label_column!r}); the object has "
+                                f"{sorted(map(str, row))[:10]}", number)
         text, label = row[text_column], row[label_column]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise DataError(path, f"expected text in {text_column!r}, got "
+                            f"{type(text).__name__} {_short(text)}", number)
+        if not text.strip():
             raise DataError(path, f"empty text in column {text_column!r}", number)
+        if isinstance(label, dict | list):
+            raise DataError(path, f"expected a label (a string or a number) in "
+                            f"{label_column!r}, got {_short(label)}", number)
         if label is None or str(label).strip() == "":
             raise DataError(path, f"empty label in column {label_column!r}", number)
         examples.append({"text": text, "label": str(label).strip()})
     if not examples:
-        raise DataError(path, "no examples found")
+        raise DataError(path, "no examples found (expected a header row and at least one row)"
+                        if not name.endswith(".jsonl") and not name.endswith(".json") else
+                        "no examples found (expected one JSON object per line)")
     return examples
+
+
+def _read_delimited(path: Path, delimiter: str, text_column: str, label_column: str
+                    ) -> list[tuple[int, dict[str, Any]]]:
+    """(line, row) of a CSV/TSV file with a header row; every row must have its fields."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    # A document may be longer than the csv module's default field limit (128 KiB).
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    rows = []
+    with open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            while header == []:  # blank lines before the header
+                header = next(reader, None)
+            if header is None:
+                raise DataError(path, f"is empty; expected a {kind} header row with columns "
+                                f"{text_column!r} and {label_column!r}")
+            header = [h.strip() for h in header]
+            for column in (text_column, label_column):
+                if column not in header:
+                    other = "," if delimiter == "\t" else "\t"
+                    hint = ""
+                    if len(header) == 1 and any(c in header[0] for c in (other, ";", "|")):
+                        hint = (f" (the header is one field; is the file {other!r}-separated?"
+                                " .csv files are comma-separated, .tsv tab-separated)")
+                    key = "text-column" if column == text_column else "label-column"
+                    raise DataError(path, f"missing column {column!r} ({key}={column!r}); the "
+                                    f"header has {header}{hint}", reader.line_num)
+            while True:
+                line = reader.line_num + 1  # a quoted field may span several lines
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # a blank line
+                if len(fields) != len(header):
+                    raise DataError(path, f"row has {len(fields)} field(s) but the header has "
+                                    f"{len(header)} (an unquoted {delimiter!r} in a text, or a "
+                                    "missing field?)", line)
+                rows.append((line, dict(zip(header, fields, strict=True))))
+        except csv.Error as err:
+            raise DataError(path, f"malformed {kind}: {err}", reader.line_num or None) from None
+    return rows
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

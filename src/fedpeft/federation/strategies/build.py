@@ -55,7 +55,9 @@ def make_strategy(cfg: RunConfig, client_lr: float) -> flower.Strategy:
               # DP's noise is calibrated to an unweighted mean of clipped updates
               "weighted_by_key": UNIFORM_WEIGHT if dp else "num-examples"}
     if cfg.aggregation == "exact-lora":
-        return ExactLoRA(scaling=cfg.lora_alpha / cfg.lora_rank, rank=cfg.lora_rank, **common)
+        from ...methods.lora import lora_scaling  # alpha / r, or alpha / sqrt(r) with rsLoRA
+
+        return ExactLoRA(scaling=lora_scaling(cfg), rank=cfg.lora_rank, **common)
     spec = STRATEGIES[cfg.strategy]
     kwargs = {arg: getattr(cfg, key) for key, arg in spec.settings.items()
               if getattr(cfg, key) is not None}
