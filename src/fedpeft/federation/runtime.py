@@ -18,7 +18,7 @@ import torch
 from ..config import ConfigError, RunConfig, non_structural_settings
 from ..methods import Method, make_method
 from ..models import load_model, load_tokenizer, max_input_length
-from ..partition import Partition, dirichlet_partition
+from ..partition import Partition, make_partition
 from ..tasks import Features, Task, make_task
 from ..training import resolve_device
 
@@ -101,8 +101,7 @@ class Runtime:
     def partition(self) -> Partition:
         if self._partition is None:
             classes = self.task.partition_classes(self.task.examples("train"))
-            self._partition = dirichlet_partition(classes, self.cfg.num_clients, self.cfg.alpha,
-                                                  self.cfg.seed, self.cfg.min_size)
+            self._partition = make_partition(classes, self.cfg)
         return self._partition
 
     def client_rows(self, partition_id: int) -> list[dict[str, list[int]]]:
