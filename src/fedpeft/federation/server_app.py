@@ -45,8 +45,8 @@ from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
-from ..tracking import check_available, open_tracker  # noqa: E402
 from ..schedule import client_lr, sampling_probabilities  # noqa: E402
+from ..tracking import check_available, open_tracker  # noqa: E402
 from .aggregation import WeightedMean  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
