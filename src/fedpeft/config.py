@@ -16,8 +16,8 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -196,9 +196,13 @@ def make_partition(labels: Sequence[object], cfg: Any) -> Partition:
     _check_enough(n, n_clients, min_size)
     # flwr-datasets pulls in `datasets` (and pandas, matplotlib): imported only when used.
     try:
-        from flwr_datasets.partitioner import (DirichletPartitioner, IdToSizeFncPartitioner,
-                                               IidPartitioner, PathologicalPartitioner,
-                                               SizePartitioner)
+        from flwr_datasets.partitioner import (
+            DirichletPartitioner,
+            IdToSizeFncPartitioner,
+            IidPartitioner,
+            PathologicalPartitioner,
+            SizePartitioner,
+        )
     except ImportError as err:
         raise PartitionError(f"partition={scheme} uses flwr-datasets, which is not installed "
                              f"({err}); `bash scripts/install.sh` installs it") from None

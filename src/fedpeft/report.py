@@ -30,8 +30,19 @@ import numpy as np
 from . import report_plots
 from . import report_tables as tables
 from .partition import mean_pairwise_js
-from .report_model import (DEFAULTS, LABEL_HIDDEN, NOT_RESULTS, PAPER_ORDER, Group, Run,
-                           find_runs, group_runs, load_run, truncate, varying_settings)
+from .report_model import (
+    DEFAULTS,
+    LABEL_HIDDEN,
+    NOT_RESULTS,
+    PAPER_ORDER,
+    Group,
+    Run,
+    find_runs,
+    group_runs,
+    load_run,
+    truncate,
+    varying_settings,
+)
 
 SWEEP_FIGURES = {"alpha": "Fig. 5", "lora-rank": "Fig. 6", "adapter-reduction": "Fig. 6"}
 

@@ -80,7 +80,8 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
                   mu: float) -> torch.Tensor:
-    """FedProx's (mu/2) * sum ||w - w_global||^2 over ``params`` (its gradient: mu(w - w_global))."""
+    """FedProx's (mu/2) * sum ||w - w_global||^2 over ``params``; its gradient is
+    mu * (w - w_global)."""
     total = sum(((p - a).float().square().sum() for p, a in zip(params, anchors, strict=True)),
                 torch.zeros((), device=params[0].device))
     return 0.5 * mu * total

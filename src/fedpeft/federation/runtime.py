@@ -22,6 +22,7 @@ from ..partition import Partition, make_partition
 from ..tasks import Features, Task, make_task
 from ..training import resolve_device
 
+
 def structure_key(cfg: RunConfig) -> str:
     """A hash of the settings the model, the data and the partition depend on."""
     skip = non_structural_settings()

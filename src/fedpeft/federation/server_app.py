@@ -23,31 +23,22 @@ offline.apply()
 import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flwr.app import (  # noqa: E402
-    ConfigRecord,
     Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import Strategy  # noqa: E402
-from flwr.supercore.differential_privacy import KEY_NORM_BIT  # noqa: E402
 
 from ..config import ConfigError, RunConfig, to_toml  # noqa: E402
-from ..errors import RunFailedError  # noqa: E402
 from ..drift import DriftTracker  # noqa: E402
 from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
-from ..schedule import client_lr, sampling_probabilities  # noqa: E402
+from ..schedule import client_lr  # noqa: E402
 from ..tracking import check_available, open_tracker  # noqa: E402
-from .aggregation import WeightedMean  # noqa: E402
+from ..training import resolve_precision  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
     check_resumable,
@@ -55,64 +46,24 @@ from .checkpoint import (  # noqa: E402
     save_checkpoint,
     saved_config,
 )
-from .exchange import Nodes, discover_nodes, exchange, refresh_nodes  # noqa: E402
+from .exchange import discover_nodes, refresh_nodes  # noqa: E402
+from .rounds import aggregate_updates, check_progress, train_round  # noqa: E402
+from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
+from .state import (  # noqa: E402
+    frozen_digest,
+    num_parameters,
+)
 from .strategies.build import (  # noqa: E402
-    UNIFORM_WEIGHT,
-    SampledGrid,
     make_strategy,
-    messages_by_node,
-    quiet,
-    streams,
 )
 from .strategies.dp import (  # noqa: E402
-    KEY_DP_MOD,
     accounting_note,
-    forget_pending_release,
     privacy_spent,
 )
 from .strategies.state import load_strategy_state, strategy_state  # noqa: E402
-from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
-from .state import (  # noqa: E402
-    decode,
-    encode,
-    from_record,
-    frozen_digest,
-    num_parameters,
-    to_record,
-)
-from ..training import resolve_precision  # noqa: E402
-from .validation import check_finite, check_update, check_weight, ordered_like  # noqa: E402
+from .validation import check_finite  # noqa: E402
 
 Record = dict[str, Any]
-STRATEGY_REPLY_METRICS = (KEY_NORM_BIT,)  # what a client's mods add for the strategy
-
-
-@dataclass
-class Update:
-    """A client's validated reply."""
-
-    client: int
-    state: dict[str, np.ndarray]
-    weight: float
-    loss: float
-    seconds: float  # local training
-    handler_seconds: float  # the client's whole train handler (decode, train, encode)
-    strategy_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. adaptive DP's norm bit
-
-
-@dataclass
-class RoundResult:
-    """What one round's attempts produced (``updates`` empty if the round is skipped)."""
-
-    clients: list[int] = field(default_factory=list)  # sampled in the last attempt
-    attempts: int = 0
-    updates: list[Update] = field(default_factory=list)
-    failures: list[Record] = field(default_factory=list)
-    rejected: list[Record] = field(default_factory=list)
-    bytes_down: int = 0
-    bytes_up: int = 0
-    mean: WeightedMean | None = None  # FedAvg of ``updates``, summed as they were read
-    replied: int = 0  # clients that returned an update, over every attempt (valid or not)
 
 
 def prepare(cfg: RunConfig) -> Runtime:
@@ -320,177 +271,6 @@ def evaluate_global(cfg: RunConfig, runtime: Runtime) -> dict[str, float]:
     if cfg.valid_fraction > 0:  # the split learning rates are chosen on
         metrics.update({f"valid-{k}": v for k, v in runtime.evaluate("valid").items()})
     return metrics
-
-
-def check_progress(cfg: RunConfig, server_round: int, result: RoundResult,
-                   failed_in_a_row: int) -> None:
-    """Stop a run that cannot learn: raise ``RunFailedError`` when every client sampled in every
-    attempt of a skipped round failed with an error (not a time-out, not a rejected update; the
-    same error would come back in every later round), or after ``max-failed-rounds`` rounds in a
-    row without a valid update."""
-    if result.updates:
-        return
-    errors = [f for f in result.failures if f.get("kind") == "error"]
-    if errors and len(errors) == len(result.failures) and not result.replied:
-        raise RunFailedError(
-            f"round {server_round}: every sampled client failed ({len(errors)} failures in "
-            f"{result.attempts} attempt(s)), so the run cannot learn anything; the clients' "
-            f"error: {error_summary(errors[0]['reason'])}")
-    if cfg.max_failed_rounds and failed_in_a_row >= cfg.max_failed_rounds:
-        reasons = [f["reason"] for f in result.failures] + [r["reason"] for r in result.rejected]
-        raise RunFailedError(
-            f"no valid update for {failed_in_a_row} rounds in a row (max-failed-rounds="
-            f"{cfg.max_failed_rounds}), up to round {server_round}; last reason: "
-            f"{error_summary(reasons[0]) if reasons else 'none logged'} (see rounds.jsonl)")
-
-
-def error_summary(reason: str) -> str:
-    """The last informative line of a client's error (Flower passes whole tracebacks)."""
-    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
-
-
-def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Generator,
-                global_state: dict[str, np.ndarray], config: Record,
-                anchor: dict[str, np.ndarray] | None, sizes: list[int],
-                strategy: Strategy) -> RoundResult:
-    """Sample, send, collect and validate, retrying with a new sample if too few succeed.
-
-    The strategy configures the round for exactly the sampled nodes (``SampledGrid``): its
-    config (FedProx's ``proximal-mu``, DP's clipping norm, ...) goes into each message."""
-    result = RoundResult()
-    attempts = 1 + (cfg.round_retries if cfg.on_round_failure == "retry" else 0)
-    server_round = int(config["round"])
-    arrays = to_record(encode(global_state, cfg.transport_dtype))
-    exact = to_record(global_state)  # what the strategy sees: the global state, not the wire
-    anchor_record = to_record(anchor) if anchor is not None else None
-    anchor_key = str(config["anchor-id"])
-    for attempt in range(attempts):
-        sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
-                                                        replace=False,
-                                                        p=sampling_probabilities(cfg, sizes)))
-        result.clients, result.attempts, result.updates = sampled, attempt + 1, []
-        result.mean = WeightedMean() if streams(strategy) else None
-        live = []
-        for pid in sampled:
-            if nodes.node(pid) is None:
-                result.failures.append({"client": pid, "attempt": attempt, "kind": "no-node",
-                                        "reason": "no live node holds this partition"})
-            else:
-                live.append(pid)
-        forget_pending_release(strategy, server_round)
-        with quiet():
-            configured = messages_by_node(strategy.configure_train(
-                server_round, exact, ConfigRecord({**config, "attempt": attempt}),
-                SampledGrid(grid, [nodes.node(pid) for pid in live])) if live else [])
-        messages, targets = [], []
-        for pid in live:
-            node = nodes.node(pid)
-            if node not in configured:  # the strategy left this node out of the round
-                continue
-            content = RecordDict({"arrays": arrays,
-                                  "config": strategy_config(configured[node], cfg)})
-            result.bytes_down += arrays.count_bytes()
-            if anchor_record is not None and nodes.anchors.get(pid) != anchor_key:
-                content["anchor"] = anchor_record
-                result.bytes_down += anchor_record.count_bytes()
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                    group_id=str(config["round"])))
-            targets.append(pid)
-        replies, unanswered = exchange(grid, messages, cfg.round_timeout or None)
-        for i in unanswered:
-            result.failures.append({"client": targets[i], "attempt": attempt, "kind": "timeout",
-                                    "reason": f"no reply within round-timeout="
-                                              f"{cfg.round_timeout:g} s"})
-        for i in sorted(replies):  # partition order: the same sums in every run
-            reply, pid = replies.pop(i), targets[i]  # each reply is dropped once read
-            if reply.has_error():
-                result.failures.append({"client": pid, "attempt": attempt, "kind": "error",
-                                        "reason": reply.error.reason})
-                continue
-            result.replied += 1
-            if anchor_record is not None:
-                nodes.anchors[pid] = anchor_key  # it replied, so it stored the anchor
-            result.bytes_up += reply.content["arrays"].count_bytes() \
-                if "arrays" in reply.content else 0
-            update, reason = read_update(reply, pid, global_state, sizes[pid], cfg)
-            if update is None:
-                result.rejected.append({"client": pid, "attempt": attempt, "reason": reason})
-                continue
-            if result.mean is not None:  # FedAvg: add it now, keep only the running sums
-                result.mean.add(update.state, update.weight)
-                update.state = {}
-            result.updates.append(update)
-        if len(result.updates) >= cfg.min_train_clients:
-            return result
-    result.updates = []  # too few valid updates in every attempt: the round is skipped
-    return result
-
-
-def strategy_config(message: Message, cfg: RunConfig) -> ConfigRecord:
-    """The config record the strategy made for a node (fedpeft's settings plus its own)."""
-    config = ConfigRecord(dict(message.content["config"]))
-    if cfg.dp.startswith("client-"):
-        config[KEY_DP_MOD] = cfg.dp.removeprefix("client-")
-    return config
-
-
-def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size: int,
-                cfg: RunConfig) -> tuple[Update | None, str]:
-    """The reply's update if it passes every check, else None and the reason."""
-    try:
-        metrics = reply.content["metrics"]
-        claimed = int(metrics["partition-id"])
-        weight = float(metrics["num-examples"])
-        state = decode(from_record(reply.content["arrays"]), cfg.transport_dtype)
-        loss, seconds = float(metrics["train-loss"]), float(metrics["train-seconds"])
-        handler = float(metrics.get("handler-seconds", seconds))
-    except (KeyError, TypeError, ValueError) as err:
-        return None, f"malformed reply: {err!r}"
-    if claimed != pid:
-        return None, f"reply claims partition {claimed}, expected {pid}"
-    reason = check_weight(weight, size) or check_update(state, reference, cfg.max_update_norm)
-    if reason:
-        return None, reason
-    passed = {k: metrics[k] for k in STRATEGY_REPLY_METRICS if k in metrics}
-    return Update(pid, ordered_like(state, reference), weight, loss, seconds, handler,
-                  passed), ""
-
-
-def aggregate_updates(cfg: RunConfig, result: RoundResult, strategy: Strategy,
-                      server_round: int, reference: dict[str, np.ndarray]
-                      ) -> tuple[dict[str, np.ndarray] | None, Record]:
-    """The next global state from the round's valid updates, in partition order (reproducible
-    sums): FedAvg's running sum when the strategy is plain FedAvg, else the strategy's own
-    ``aggregate_train`` over replies holding exactly the validated updates. None if the
-    strategy aggregated nothing (e.g. DP accounting with a client missing)."""
-    if result.mean is not None:
-        return result.mean.result(), {}
-    updates = sorted(result.updates, key=lambda u: u.client)
-    replies = [update_reply(u, server_round) for u in updates]
-    with quiet():
-        arrays, metrics = strategy.aggregate_train(server_round, replies)
-    # the strategies' metrics are means of the reply metrics; only exact-lora's is news
-    extra: Record = {k: float(v) for k, v in (metrics or {}).items()
-                     if k == "lora-truncation-error"}
-    if arrays is None:
-        return None, extra
-    # server optimisers compute in float64; the next round's updates are checked against dtypes
-    state = {k: np.asarray(v, dtype=reference[k].dtype) if k in reference else v
-             for k, v in from_record(arrays).items()}
-    return ordered_like(state, reference), extra
-
-
-def update_reply(update: Update, server_round: int) -> Message:
-    """A validated update as the reply message a Flower strategy aggregates."""
-    content = RecordDict({
-        "arrays": to_record(update.state),
-        "metrics": MetricRecord({"num-examples": update.weight, UNIFORM_WEIGHT: 1.0,
-                                 "train-loss": update.loss, "partition-id": update.client,
-                                 **update.strategy_metrics}),
-    })
-    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN,
-                   group_id=str(server_round))
 
 
 def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],

@@ -12,7 +12,6 @@ from .. import offline
 offline.apply()
 
 import logging  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402

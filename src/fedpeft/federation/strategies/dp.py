@@ -59,8 +59,8 @@ def wrap_dp(cfg: RunConfig, strategy: flower.Strategy) -> flower.Strategy:
             adaptive["clip_norm_lr"] = cfg.dp_clip_norm_lr
         if cfg.dp_clipped_count_stddev is not None:
             adaptive["clipped_count_stddev"] = cfg.dp_clipped_count_stddev
-        cls = (flower.DifferentialPrivacyServerSideAdaptiveClipping
-               if cfg.dp == "server-adaptive" else flower.DifferentialPrivacyClientSideAdaptiveClipping)
+        cls = (flower.DifferentialPrivacyServerSideAdaptiveClipping if cfg.dp == "server-adaptive"
+               else flower.DifferentialPrivacyClientSideAdaptiveClipping)
         return cls(strategy, noise_multiplier=noise, num_sampled_clients=sampled, **adaptive)
     except ValueError as err:
         raise ConfigError(f"dp={cfg.dp}: {err}") from None
