@@ -1,5 +1,6 @@
 """Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
-typed by hand): ``.venv/bin/python benchmarks/tables.py [throughput|memory|precision|REPORT]``.
+typed by hand): ``.venv/bin/python benchmarks/tables.py [throughput|memory|precision|REPORT]``,
+or ``... tables.py peer [FILE]`` (default ``peer.json``).
 
 ``REPORT`` is a path to a ``fedpeft report`` REPORT.md: its first table (the per-method table),
 or the first after a line containing a second argument, is printed as is.
@@ -46,6 +47,26 @@ def precision() -> list[str]:
     return lines
 
 
+def peer(name: str = "peer.json") -> list[str]:
+    """Section 7: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
+    file in benchmarks/results/ or a path."""
+    path = Path(name) if Path(name).exists() else RESULTS / name
+    data = json.loads(path.read_text())
+    lines = ["| arm | s/round median | s/round mean | total s | peak RSS MB | final accuracy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in data["arms"]:
+        accuracy = "" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
+        lines.append(f"| {r['arm']} | {r['seconds-per-round-median']:.1f} | "
+                     f"{r['seconds-per-round-mean']:.1f} | {r['total-seconds']:.0f} | "
+                     f"{r['peak-rss-mb']:,.0f} | {accuracy} |")
+    ratios = data.get("ratios-plain-over-fedpeft")
+    if ratios:
+        lines.append(f"| plain / fedpeft | {ratios['seconds-per-round-median']:.2f}x | "
+                     f"{ratios['seconds-per-round-mean']:.2f}x | {ratios['total-seconds']:.2f}x | "
+                     f"{ratios['peak-rss-mb']:.2f}x | |")
+    return lines
+
+
 def report_table(path: Path, heading: str = "") -> list[str]:
     """The first table of ``path`` after the first line containing ``heading``."""
     lines, started, found = [], False, not heading
@@ -66,6 +87,8 @@ def main() -> None:
         out = tables[what]()
     elif what.startswith("memory"):
         out = memory(*(sys.argv[2:3]))
+    elif what == "peer":
+        out = peer(*(sys.argv[2:3]))
     else:
         out = report_table(Path(what), *(sys.argv[2:3]))
     print("\n".join(out))
