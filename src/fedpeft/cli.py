@@ -109,7 +109,8 @@ def explain(err: BaseException) -> tuple[int, str]:
 
 def _out_of_memory(err: BaseException) -> str | None:
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        where = "the GPU" if "CUDA" in str(err) or "cuda" in type(err).__module__ else "this machine"
+        gpu = "CUDA" in str(err) or "cuda" in type(err).__module__
+        where = "the GPU" if gpu else "this machine"
         return (f"out of memory on {where}; lower batch-size, eval-batch-size, max-length or "
                 "sim-workers")
     return None
@@ -172,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
             "per method, for the configured model and task")
     command("strategies", _strategies, "the aggregation strategies (Flower's), their settings "
             "with Flower's defaults, and the differential-privacy modes")
-    export = sub.add_parser("export", parents=[common], help="save a finished run's global model as a PEFT "
-                            "adapter or a merged transformers model", description=(
+    export = sub.add_parser("export", parents=[common], help="save a finished run's global "
+                            "model as a PEFT adapter or a merged transformers model", description=(
                                 "Export RUN_DIR's final global model (see fedpeft.export): "
                                 "--format peft for the LoRA family (PeftModel.from_pretrained), "
                                 "--format merged for a full model "
@@ -182,8 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["peft", "merged"], dest="fmt")
     export.add_argument("--out", required=True, help="folder to write")
     export.set_defaults(func=_export, overrides=[])
-    report = sub.add_parser("report", parents=[common], help="REPORT.md + PNG plots from run folders (tables, "
-                            "time to target, partitions, drift)", description=(
+    report = sub.add_parser("report", parents=[common], help="REPORT.md + PNG plots from run "
+                            "folders (tables, time to target, partitions, drift)", description=(
                                 "Build REPORT.md and its plots from run folders only (see "
                                 "docs/reports.md). RUN_DIR: a run folder or a tree of them."))
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -389,8 +390,8 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
     from .budget import budget_table
+    from .methods import METHODS
 
     cfg = load_config(args.config, args.overrides)
     print(budget_table(cfg, list(METHODS)))

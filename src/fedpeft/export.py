@@ -93,7 +93,7 @@ def _first_line(err: BaseException) -> str:
 def check_run(run: Path) -> None:
     """Raise ``ExportError`` unless ``run`` is a finished run folder."""
     if not run.is_dir():
-        raise ExportError(f"{run} is not a run folder: "
+        raise ExportError(f"{run} is not a finished run folder: "
                           f"{'it is a file' if run.exists() else 'no such folder'}")
     for name in ("config.toml", "final_state.safetensors"):
         if not (run / name).is_file():

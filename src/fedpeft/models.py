@@ -54,6 +54,9 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry warnings (no network) are not ours to print
 
 
 def resolve_model_path(name: str) -> str:
