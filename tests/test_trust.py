@@ -296,3 +296,45 @@ def test_checked_values_are_plain_numbers():
     assert json.loads(cfg.to_json())["slora-stage1-rounds"] == 2
     assert np.isscalar(cfg.slora_stage1_rounds)
     assert Path(cfg.run_dir()).name.startswith("semeval-slora")
+
+
+# --- the library refuses what the CLI refuses ---------------------------------------------
+
+def test_bad_config_files_name_the_file(tmp_path):
+    cases = {"scalar.toml": b"fedpeft = 3\n", "binary.toml": b"\xff\xfe\x00r\x00o",
+             "bad.toml": b"rounds = [\n"}
+    messages = {"scalar.toml": "must be a table of settings", "binary.toml": "is not UTF-8",
+                "bad.toml": "is not valid TOML"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"{name}.*{messages[name]}"):
+            load_config(tmp_path / name)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("seed=-1", "seed must be >= 0"), ("task=nope", "task='nope' is unknown"),
+    ("method=nope", "method='nope' is unknown"), ("out=runs/{nope}", "nope")])
+def test_names_and_placeholders_are_checked_when_a_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from fedpeft.federation.checkpoint import load_checkpoint
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"checkpoint.safetensors is damaged"):
+        load_checkpoint(tmp_path)
+
+
+def test_overwrite_replaces_run_folders_only(tmp_path):
+    from fedpeft.runlog import RunExistsError, RunLog
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(RunExistsError, match="holds no fedpeft run"):
+        RunLog.create(load_config(None, [f"out={mine}"]), overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"

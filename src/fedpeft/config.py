@@ -224,6 +224,8 @@ class RunConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
         """Check cross-field consistency; raise ``ConfigError`` naming the offending key."""
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         positive = ["rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size",
                     "eval_every", "lora_rank", "eval_batch_size"]
         for name in positive:
@@ -324,6 +326,15 @@ class RunConfig:
             raise ConfigError(f"fail-mode must be raise, hang, nan or huge, got {self.fail_mode!r}")
         if self.fail_mode == "hang" and self.fail_rate > 0 and not self.round_timeout > 0:
             raise ConfigError("fail-mode=hang needs round-timeout > 0 (else the round never ends)")
+        from .methods import METHODS
+        from .tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is unknown; choose from {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown; choose from "
+                              f"{', '.join(METHODS)}")
+        self.run_dir()  # a bad out= placeholder fails here, wherever a config is loaded
         return self
 
     def _validate_lora_variants(self) -> None:
@@ -453,13 +464,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; expected a TOML file") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); "
+                              "expected a TOML file") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         # Allow a [fedpeft] table or a flat file.
         data = data.get("fedpeft", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: `fedpeft` must be a table of settings, got "
+                              f"{data!r}")
         cfg = RunConfig.from_mapping(data, base=cfg)
     for item in overrides or []:
         key, sep, raw = item.partition("=")

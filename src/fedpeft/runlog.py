@@ -43,6 +43,10 @@ class RunLog:
             if not overwrite:
                 raise RunExistsError(f"run folder {path} already exists; pass --overwrite to "
                                      "replace it or out=... to choose another")
+            if not (path / "config.toml").is_file():  # --overwrite replaces runs, nothing else
+                raise RunExistsError(f"{path} is not empty and holds no fedpeft run (no "
+                                     "config.toml): --overwrite replaces run folders only; "
+                                     "choose another out=...")
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         log = cls(path)

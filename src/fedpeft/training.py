@@ -150,5 +150,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for but CUDA is not available here")
+        from .config import ConfigError
+
+        raise ConfigError(f"device={name} was asked for but CUDA is not available here")
     return device

@@ -78,11 +78,15 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     path = Path(run_dir) / FILE
     if not path.exists():
         return None
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = json.loads((fh.metadata() or {}).get(_META_KEY, "null"))
-        if not isinstance(meta, dict) or meta.get("version") != VERSION:
-            raise ValueError(f"{path} is not a fedpeft checkpoint (version {VERSION})")
-        state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = json.loads((fh.metadata() or {}).get(_META_KEY, "null"))
+            state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+        raise ConfigError(f"{path} is damaged or not a safetensors file ({err}); move it away "
+                          "to start the run again, or restore it") from None
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        raise ConfigError(f"{path} is not a fedpeft checkpoint (version {VERSION})")
     strategy = {k[len(STRATEGY_PREFIX):]: state.pop(k) for k in list(state)
                 if k.startswith(STRATEGY_PREFIX)}
     order = meta.get("state-keys") or list(state)
