@@ -10,15 +10,11 @@ def _plan(*overrides, **machine):
     return plan_resources(load_config(None, list(overrides)), **machine)
 
 
-def test_auto_on_a_cpu_is_one_single_threaded_worker_per_core():
-    plan = _plan(cores=2, gpus=0, memory_gb=24)
-    assert (plan.workers, plan.threads, plan.cpus, plan.gpus) == (2, 1, 1, 0.0)
-    plan = _plan(cores=16, gpus=0, memory_gb=128)
-    assert (plan.workers, plan.threads) == (10, 1)  # no more workers than clients per round
-
-
-def test_auto_is_capped_by_memory():
-    assert _plan(cores=16, gpus=0, memory_gb=6).workers == 4  # 1.5 GB per worker
+def test_auto_on_a_cpu_is_one_worker_with_every_core():
+    plan = _plan(cores=2, gpus=0)
+    assert (plan.workers, plan.threads, plan.cpus, plan.gpus) == (1, 2, 2, 0.0)
+    plan = _plan(cores=16, gpus=0)
+    assert (plan.workers, plan.threads) == (1, 16)
 
 
 def test_a_number_of_workers_shares_the_cores_and_threads_win():

@@ -201,7 +201,7 @@ class RunConfig:
     sim_workers: str = setting(
         "auto",
         "Ray actors in the simulation, each holding one frozen base model: a number, or auto "
-        "(one per core up to clients-per-round and memory; one per GPU on CUDA)",
+        "(CPU: one with every core; CUDA: one per GPU)",
         resumable=True, structural=False)
     sim_gpus_per_worker: float | None = setting(
         None, "CUDA simulation: GPU share of a worker (e.g. 0.5 = two per GPU); None = 1",
