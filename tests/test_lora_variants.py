@@ -161,7 +161,7 @@ def test_exact_lora_uses_the_rslora_scaling(tiny_models):
 
 
 @pytest.mark.parametrize("method,setting", [("fedft", "lora-dora"), ("fedbf", "lora-rslora"),
-                                            ("fedap", "lora-dora"), ("slora", "lora-dora")])
+                                            ("fedap", "lora-dora")])
 def test_variants_outside_the_lora_family_are_refused(method, setting):
     with pytest.raises(ConfigError, match=setting):
         load_config(None, [f"method={method}", f"{setting}=true"])
