@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
+from test_lora_init import logits  # the same probe inputs as FeDeRA's init tests
 
 from fedpeft.budget import budget_table, method_budget
 from fedpeft.config import ConfigError, RunConfig, load_config
@@ -24,14 +25,6 @@ TARGETS = 2 * 2  # query and value in each of 2 layers
 def make_cfg(model: str, method: str, **kw) -> RunConfig:
     return RunConfig(model=model, method=method, lora_rank=R, lora_alpha=ALPHA,
                      max_train_samples=64, max_test_samples=32, **kw).validate()
-
-
-def logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (3, 12), generator=g)
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
 def pretrained(rt: Runtime) -> torch.nn.Module:
