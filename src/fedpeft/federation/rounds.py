@@ -21,6 +21,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from ..config import RunConfig
 from ..errors import RunFailedError
+from ..methods import Method
 from ..schedule import sampling_probabilities
 from .aggregation import WeightedMean
 from .exchange import Nodes, exchange
@@ -92,15 +93,18 @@ def error_summary(reason: str) -> str:
 def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Generator,
                 global_state: dict[str, np.ndarray], config: Record,
                 anchor: dict[str, np.ndarray] | None, sizes: list[int],
-                strategy: Strategy) -> RoundResult:
+                strategy: Strategy, method: Method | None = None) -> RoundResult:
     """Sample, send, collect and validate, retrying with a new sample if too few succeed.
 
     The strategy configures the round for exactly the sampled nodes (``SampledGrid``): its
-    config (FedProx's ``proximal-mu``, DP's clipping norm, ...) goes into each message."""
+    config (FedProx's ``proximal-mu``, DP's clipping norm, ...) goes into each message. What a
+    client is sent, and what its update is checked against, is the method's
+    (``Method.client_payload`` / ``upload_reference``): the global state unless the method says
+    otherwise (heterogeneous ranks, factors kept on the client)."""
     result = RoundResult()
     attempts = 1 + (cfg.round_retries if cfg.on_round_failure == "retry" else 0)
     server_round = int(config["round"])
-    arrays = to_record(encode(global_state, cfg.transport_dtype))
+    shared = to_record(encode(global_state, cfg.transport_dtype))  # for every default payload
     exact = to_record(global_state)  # what the strategy sees: the global state, not the wire
     anchor_record = to_record(anchor) if anchor is not None else None
     anchor_key = str(config["anchor-id"])
@@ -122,11 +126,17 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             configured = messages_by_node(strategy.configure_train(
                 server_round, exact, ConfigRecord({**config, "attempt": attempt}),
                 SampledGrid(grid, [nodes.node(pid) for pid in live])) if live else [])
-        messages, targets = [], []
+        messages, targets, references = [], [], []
         for pid in live:
             node = nodes.node(pid)
             if node not in configured:  # the strategy left this node out of the round
                 continue
+            sent = method.client_payload(global_state, pid, server_round) if method \
+                else global_state
+            arrays = shared if sent is global_state else \
+                to_record(encode(sent, cfg.transport_dtype))
+            references.append(method.upload_reference(sent, pid, server_round) if method
+                              else global_state)
             content = RecordDict({"arrays": arrays,
                                   "config": strategy_config(configured[node], cfg)})
             result.bytes_down += arrays.count_bytes()
@@ -152,7 +162,7 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
                 nodes.anchors[pid] = anchor_key  # it replied, so it stored the anchor
             result.bytes_up += reply.content["arrays"].count_bytes() \
                 if "arrays" in reply.content else 0
-            update, reason = read_update(reply, pid, global_state, sizes[pid], cfg)
+            update, reason = read_update(reply, pid, references[i], sizes[pid], cfg)
             if update is None:
                 result.rejected.append({"client": pid, "attempt": attempt, "reason": reason})
                 continue

@@ -148,7 +148,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     else:
         global_state = runtime.method.export_state(runtime.model)
         history, done, before = [], 0, 0.0
-    strategy = make_strategy(cfg, runtime.method.lr)
+    strategy = make_strategy(cfg, runtime.method.lr, runtime.method)
     if checkpoint is not None:
         load_strategy_state(strategy, checkpoint.strategy_state, checkpoint.strategy_tensors)
     drift = DriftTracker()  # LoRA factors only; other methods log no drift
@@ -170,7 +170,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         config = {**base_config, **runtime.method.client_config(server_round),
                   "round": server_round, "lr": client_lr(runtime.method, cfg, server_round)}
         result = train_round(grid, cfg, nodes, sampler, global_state, config, anchor, sizes,
-                             strategy)
+                             strategy, runtime.method)
         t_train = time.perf_counter()
         extra: Record = {}
         if result.updates:
@@ -195,7 +195,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         switch_metrics: dict[str, float] = {}
         if switched is not None:
             global_state = switched
-            strategy = make_strategy(cfg, runtime.method.lr)  # its state restarts with stage 2
+            strategy = make_strategy(cfg, runtime.method.lr, runtime.method)  # restarts
             switch_metrics = evaluate_global(cfg, runtime) if evaluate else {}
         t_end = time.perf_counter()
         drifted = drift.observe(global_state)

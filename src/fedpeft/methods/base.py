@@ -85,6 +85,27 @@ class Method(ABC):
         """
         return None
 
+    # --- per-client payloads and a method's own aggregation (the federated-LoRA family:
+    # heterogeneous ranks, factors that stay on the client, state folded into the base). The
+    # defaults fit every method whose clients all receive and return the global state.
+    def client_payload(self, global_state: dict[str, np.ndarray], client: int,
+                       server_round: int) -> dict[str, np.ndarray]:
+        """Server side: the tensors sent to client ``client`` this round (its rank's truncation,
+        a subset, or more than the global state). Return ``global_state`` itself when every
+        client gets the same: it is then encoded once per round."""
+        return global_state
+
+    def upload_reference(self, sent: dict[str, np.ndarray], client: int,
+                         server_round: int) -> dict[str, np.ndarray]:
+        """Server side: what client ``client``'s update must look like (keys, shapes, dtypes)
+        and is measured against (``validation.check_update``); by default what it was sent."""
+        return sent
+
+    def make_strategy(self, cfg: RunConfig, common: dict[str, Any]) -> Any | None:
+        """Server side: the method's own aggregation rule as a Flower ``Strategy`` (``common``:
+        the arguments every fedpeft strategy gets), or None to use ``strategy=``."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able server-side method state, saved in checkpoints (e.g. the current stage)."""
         return {}

@@ -46,14 +46,18 @@ def flower_defaults(name: str) -> dict[str, Any]:
     return {key: params[arg].default for key, arg in spec.settings.items()}
 
 
-def make_strategy(cfg: RunConfig, client_lr: float) -> flower.Strategy:
-    """The run's strategy: Flower's class for ``cfg.strategy`` (or fedpeft's exact LoRA mean),
-    wrapped in Flower's DP wrapper for ``cfg.dp``."""
+def make_strategy(cfg: RunConfig, client_lr: float, method: Any = None) -> flower.Strategy:
+    """The run's strategy: the method's own rule where it has one (``Method.make_strategy``),
+    else Flower's class for ``cfg.strategy`` (or fedpeft's exact LoRA mean), wrapped in Flower's
+    DP wrapper for ``cfg.dp``."""
     dp = cfg.dp != "none"
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
               "min_evaluate_nodes": 0, "min_available_nodes": 1,
               # DP's noise is calibrated to an unweighted mean of clipped updates
               "weighted_by_key": UNIFORM_WEIGHT if dp else "num-examples"}
+    own = method.make_strategy(cfg, common) if method is not None else None
+    if own is not None:
+        return own
     if cfg.aggregation == "exact-lora":
         from ...methods.lora import lora_scaling  # alpha / r, or alpha / sqrt(r) with rsLoRA
 
