@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad; in the foreground
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
@@ -79,11 +79,26 @@ case "${1:-}" in
     compare 20news "${NEWS[@]}" --root runs/exp/20news-a0.1 --methods fedft
     squad fedlr,federa
     ;;
+  strategies)  # issue 18: Flower's strategies for FedLR and FeDeRA at Dir(0.1), 50 rounds, at
+    # the clients' rate the FedAvg grid chose on validation (5e-3); server settings: FedAvgM at
+    # FedAvg's effective step (server-lr = 1 - momentum, Hsu et al. 2019), FedProx mu=0.01 (Li
+    # et al. 2020's grid), FedAdam's server rate from {1e-3, 1e-2} chosen on validation.
+    STRAT=("${SEMEVAL[@]}" lr=5e-3 valid-fraction=0.1 alpha=0.1 rounds=50)
+    compare strategies "${STRAT[@]}" --root runs/exp/strategies/fedavg --methods fedlr,federa
+    compare strategies "${STRAT[@]}" strategy=fedprox proximal-mu=0.01 \
+      --root runs/exp/strategies/fedprox --methods fedlr,federa
+    compare strategies "${STRAT[@]}" strategy=fedavgm server-lr=0.1 server-momentum=0.9 \
+      --root runs/exp/strategies/fedavgm --methods fedlr,federa
+    compare strategies "${STRAT[@]}" strategy=fedadam --sweep server-lr=1e-3,1e-2 \
+      --root runs/exp/strategies/fedadam --methods fedlr,federa
+    compare strategies "${STRAT[@]}" rounds=20 dp=client-fixed dp-noise-multiplier=0.3 \
+      dp-clipping-norm=1.0 --root runs/exp/strategies/dp --methods federa
+    ;;
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
     ;;
   *)
-    echo "usage: $0 main|grid|later|squad [METHODS]" >&2
+    echo "usage: $0 main|grid|later|squad|strategies [METHODS]" >&2
     exit 2
     ;;
 esac

@@ -201,7 +201,31 @@ def _parser() -> argparse.ArgumentParser:
                         help="read rounds 1..ROUND of every run only (compare runs of different "
                              "lengths at an equal number of rounds)")
     report.set_defaults(func=_report, overrides=[])
+    paper = sub.add_parser("paper", parents=[common], help="our runs beside the FeDeRA paper's "
+                           "tables, its claims checked, and which method to use (one page)")
+    paper.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    paper.add_argument("--out", required=True, help="the markdown file to write")
+    paper.set_defaults(func=_paper, overrides=[])
     return parser
+
+
+def _paper(args: argparse.Namespace) -> int:
+    from .paper import paper_page
+
+    out = Path(args.out)
+    inside = next((p for p in [out.resolve().parent, *out.resolve().parents]
+                   if is_run_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(f"--out {out} is inside the run folder {inside}; write the page "
+                          "elsewhere (run folders are never written into)")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; expected a markdown file name")
+    command = " ".join(["fedpeft paper", *map(str, args.run_dirs), "--out", str(out)])
+    text = paper_page(args.run_dirs, command=command)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

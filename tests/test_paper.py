@@ -1,0 +1,126 @@
+"""The paper's tables beside ours (`fedpeft paper`): the data file, the verdicts, the decision
+table, and the committed page regenerating from the committed logs."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from test_report import make_run
+
+from fedpeft.cli import main
+from fedpeft.paper import compare_pair, decision_rows, paper_page, paper_tables, verdict
+from fedpeft.report_model import find_runs, group_runs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TABLES = REPO.parent / "shared" / "PAPER-TABLES.md"
+
+
+def test_transcribed_tables_match_the_markdown_they_came_from():
+    """Every number of Tables 2 and 3 in the data file is the one in the transcription (when
+    ../shared is beside the repository); Table 1's protocol is the paper's."""
+    if not SHARED_TABLES.exists():
+        pytest.skip(f"{SHARED_TABLES} is not beside this clone")
+    text = SHARED_TABLES.read_text()
+    data = paper_tables()
+    rows = [((m, line.split("|")[2].strip()), line) for line in text.splitlines()
+            if (m := line.split("|")[1].strip() if line.startswith("| ") else None)
+            in ("RoBERTa", "DeBERTaV3")]
+    names = {"FedFT": "fedft", "FedBF": "fedbf", "FedAP": "fedap", "FedLR": "fedlr",
+             "FeDeRA": "federa"}
+    checked = 0
+    for (model, name), line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or "±" not in cells[3]:  # Table 2 rows only
+            continue
+        expected = [float(c.split("±")[0]) for c in cells[3:9]]
+        got = [v[0] for v in data["results"]["20news"]["rows"][model][names[name]]] + \
+              [v[0] for v in data["results"]["semeval"]["rows"][model][names[name]]]
+        assert got == expected, (model, name)
+        checked += 1
+    assert checked == 10
+    assert data["protocol"]["squad"]["clients"] == 300
+    assert data["protocol"]["wnut17"]["alpha"] == 0.1
+
+
+def test_verdicts_call_differences_within_the_spread_level():
+    assert verdict(0.5, 1.0, paper=5.0) == "level"
+    assert verdict(2.0, 1.0, paper=5.0) == "agrees"
+    assert verdict(-2.0, 1.0, paper=5.0) == "disagrees"
+    assert verdict(2.0, None, paper=5.0).startswith("ahead (1 seed, not established, same sign")
+    assert "opposite sign" in verdict(-2.0, None, paper=5.0)
+
+
+def _scored(tmp_path, finals: dict[str, list[float]], **settings):
+    for method, values in finals.items():
+        for seed, value in enumerate(values):
+            make_run(tmp_path, f"{method}-s{seed}", method, {4: value}, seed=seed,
+                     summary={"final": {"accuracy": value}}, **settings)
+    return group_runs(find_runs([tmp_path]))
+
+
+def test_spread_is_the_larger_std_of_the_two_groups(tmp_path):
+    groups = {g.method: g for g in _scored(tmp_path, {"federa": [0.70, 0.72, 0.74],
+                                                      "fedlr": [0.60, 0.61, 0.62]})}
+    from fedpeft.paper import score
+
+    a, b = score(groups["federa"], "accuracy"), score(groups["fedlr"], "accuracy")
+    diff, spread = compare_pair(a, b)
+    assert diff == pytest.approx(11.0)
+    assert spread == pytest.approx(2.0)  # std of 70, 72, 74 (points), the larger one
+
+
+def test_decision_table_names_the_best_and_says_no_difference_within_the_spread(tmp_path):
+    clear = _scored(tmp_path / "clear", {"federa": [0.70, 0.72, 0.74],
+                                         "fedlr": [0.60, 0.61, 0.62]})
+    (row,) = decision_rows(clear)
+    assert (row["best"], row["runner-up"], row["level"]) == ("federa", "fedlr", False)
+    assert row["budget"] == "1-10 MB"  # 5 MB per client-round in make_run's rounds
+    close = _scored(tmp_path / "close", {"federa": [0.70, 0.72, 0.74],
+                                         "fedlr": [0.69, 0.71, 0.73]})
+    (row,) = decision_rows(close)
+    assert row["best"] == "federa" and row["level"] is True
+    page = paper_page([tmp_path / "close"])
+    assert "no difference" in page
+
+
+def test_unfinished_runs_are_not_in_the_decision_table(tmp_path):
+    make_run(tmp_path, "federa", "federa", {4: 0.7}, rounds=4, summary={})
+    make_run(tmp_path, "fedlr", "fedlr", {2: 0.6}, rounds=4)
+    folder = tmp_path / "fedlr"
+    lines = folder.joinpath("rounds.jsonl").read_text().splitlines()[:2]
+    folder.joinpath("rounds.jsonl").write_text("\n".join(lines) + "\n")
+    assert decision_rows(group_runs(find_runs([tmp_path]))) == []
+
+
+def test_page_puts_the_papers_numbers_beside_ours(tmp_path):
+    _scored(tmp_path, {"federa": [0.70], "fedlr": [0.75]})
+    page = paper_page([tmp_path])
+    row = next(line for line in page.splitlines() if line.startswith("| FeDeRA"))
+    assert "70.00" in row and "80.74 ± 0.60" in row  # ours, then the paper's RoBERTa @200
+    claim = next(line for line in page.splitlines() if line.startswith("- FeDeRA vs FedLR"))
+    assert "ours -5.00" in claim and "paper +5.93" in claim and "opposite sign" in claim
+
+
+def test_cli_refuses_to_write_into_a_run_folder(tmp_path, capsys):
+    run = make_run(tmp_path, "federa", "federa", {4: 0.7}, summary={})
+    assert main(["paper", str(tmp_path), "--out", str(run / "PAPER.md")]) == 2
+    assert "inside the run folder" in capsys.readouterr().err
+    assert not (run / "PAPER.md").exists()
+
+
+COMMITTED = REPO / "docs" / "results" / "PAPER.md"
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="docs/results/PAPER.md not generated yet")
+def test_committed_page_regenerates_from_committed_logs(tmp_path, monkeypatch):
+    """docs/results/PAPER.md is exactly what its own command prints from the committed logs."""
+    text = COMMITTED.read_text()
+    command = re.search(r"Generated by `([^`]+)`", text).group(1)
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "PAPER.md")
+    monkeypatch.chdir(REPO)
+    assert main(args) == 0
+    fresh = (tmp_path / "PAPER.md").read_text().replace(str(tmp_path / "PAPER.md"),
+                                                         "docs/results/PAPER.md")
+    assert fresh == text
