@@ -102,6 +102,32 @@ def test_page_puts_the_papers_numbers_beside_ours(tmp_path):
     assert "ours -5.00" in claim and "paper +5.93" in claim and "opposite sign" in claim
 
 
+def test_robustness_claim_compares_each_methods_drop_between_the_alpha_ends(tmp_path):
+    for alpha, finals in ((0.1, {"federa": 0.60, "fedlr": 0.40}),
+                          (1.0, {"federa": 0.70, "fedlr": 0.72})):
+        for method, value in finals.items():
+            make_run(tmp_path, f"{method}-a{alpha}", method, {4: value}, alpha=alpha,
+                     summary={"final": {"accuracy": value}})
+    page = paper_page([tmp_path])
+    line = next(x for x in page.splitlines() if "Dir(1) -> Dir(0.1)" in x)
+    assert "FeDeRA 70.00 -> 60.00 (-10.00)" in line and "FedLR 72.00 -> 40.00 (-32.00)" in line
+    verdict_line = next(x for x in page.splitlines() if "FeDeRA's drop vs FedLR's" in x)
+    assert "-10.00 vs -32.00 -> ahead (1 seed" in verdict_line
+
+
+def test_drift_claim_is_the_ratio_of_mean_logged_drift(tmp_path):
+    make_run(tmp_path, "federa", "federa", {4: 0.7}, drift=True, seed=1, summary={})
+    make_run(tmp_path, "fedlr", "fedlr", {4: 0.7}, drift=True, seed=1, summary={})
+    from fedpeft.paper import mean_drift
+
+    groups = {g.method: g for g in group_runs(find_runs([tmp_path]))}
+    a, b = mean_drift(groups["federa"]), mean_drift(groups["fedlr"])
+    assert a == b  # the same seed draws the same drift in make_run
+    page = paper_page([tmp_path])
+    line = next(x for x in page.splitlines() if x.startswith("- semeval") and "magnitude" in x)
+    assert "A magnitude 1.00" in line and "disagrees in part" in line  # equal is not less
+
+
 def test_cli_refuses_to_write_into_a_run_folder(tmp_path, capsys):
     run = make_run(tmp_path, "federa", "federa", {4: 0.7}, summary={})
     assert main(["paper", str(tmp_path), "--out", str(run / "PAPER.md")]) == 2

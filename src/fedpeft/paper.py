@@ -109,11 +109,14 @@ def protocols(groups: Sequence[Group], ignore: frozenset[str] = frozenset()
     return out
 
 
-def protocol_label(group: Group, budget: bool = True) -> str:
-    """The experiment in words (``budget=False``: without the budget knobs, e.g. the rank)."""
+def protocol_label(group: Group, budget: bool = True, alpha: bool = True) -> str:
+    """The experiment in words (``budget=False``: without the budget knobs, e.g. the rank;
+    ``alpha=False``: without the Dirichlet concentration)."""
     s = group.settings
     return (f"{s.get('num-clients')} clients, {s.get('clients-per-round')} per round, "
-            f"{s.get('partition', 'balanced')} Dir({fmt_setting(s.get('alpha'))}), "
+            f"{s.get('partition', 'balanced')}"
+            + (f" Dir({fmt_setting(s.get('alpha'))}), " if alpha else ", ")
+            + 
             f"{s.get('rounds')} rounds" + (f", max-length {s['max-length']}"
                                           if s.get("max-length") else "")
             + (f", strategy {s['strategy']}" if s.get("strategy", "fedavg") != "fedavg" else "")
@@ -229,6 +232,76 @@ def ordering_claims(scores: dict[str, Score], table: dict[str, Any] | None) -> l
     return lines + [""]
 
 
+def robustness_claim(groups: Sequence[Group]) -> list[str]:
+    """Fig. 5: as alpha falls every method degrades, FeDeRA much less than the other PEFT
+    methods. Per experiment swept over alpha: each method's final metric at the largest and the
+    smallest alpha, the drop, and FeDeRA's drop against each other method's."""
+    lines = ["Robustness (Fig. 5: FeDeRA degrades much less than the other PEFT methods as alpha "
+             "falls):"]
+    found = False
+    for members in protocols(groups, frozenset({"alpha"})).values():
+        metric = members[0].runs[0].metric()
+        by_method: dict[str, dict[float, Score]] = {}
+        for g in members:
+            if (sc := score(g, metric)) is not None and g.done == g.planned:
+                by_method.setdefault(g.method, {})[float(g.settings["alpha"])] = sc
+        drops = {m: (a[max(a)], a[min(a)]) for m, a in by_method.items() if len(a) > 1}
+        if "federa" not in drops or len(drops) < 2:
+            continue
+        found = True
+        hi, lo = max(by_method["federa"]), min(by_method["federa"])
+        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0], alpha=False)}, "
+                     f"Dir({hi:g}) -> Dir({lo:g}): " + "; ".join(
+                         f"{NAMES.get(m, m)} {h.mean:.2f} -> {lo_.mean:.2f} "
+                         f"({lo_.mean - h.mean:+.2f})" for m, (h, lo_) in drops.items()))
+        fed_drop = drops["federa"][1].mean - drops["federa"][0].mean
+        for m, (h, lo_) in drops.items():
+            if m == "federa":
+                continue
+            other = lo_.mean - h.mean
+            spreads = [x.std for x in (*drops["federa"], h, lo_)]
+            spread = None if None in spreads else max(spreads)  # type: ignore[type-var]
+            lines.append(f"  - FeDeRA's drop vs {NAMES.get(m, m)}'s: {fed_drop:+.2f} vs "
+                         f"{other:+.2f} -> {verdict(fed_drop - other, spread, paper=1.0)}")
+    return lines if found else lines + ["- no experiment here sweeps alpha with FeDeRA and "
+                                        "another method"]
+
+
+def drift_claim(groups: Sequence[Group]) -> list[str]:
+    """Fig. 3: FeDeRA's successive A/B updates vary less in magnitude and direction than
+    LoRA's. Per experiment with both: the mean over rounds of the logged drift (``fedpeft.drift``,
+    averaged over layers), FeDeRA / FedLR."""
+    lines = ["Drift (Fig. 3: FeDeRA's successive A/B updates vary less than LoRA's), FeDeRA / "
+             "FedLR mean variation over rounds and layers (< 1 agrees):"]
+    found = False
+    for members in protocols(groups).values():
+        by = {g.method: g for g in members}
+        if "federa" not in by or "fedlr" not in by:
+            continue
+        means = {m: mean_drift(by[m]) for m in ("federa", "fedlr")}
+        if not all(means.values()):
+            continue
+        found = True
+        ratios = ", ".join(f"{f} {n} {means['federa'][(f, n)] / means['fedlr'][(f, n)]:.2f}"
+                           for f in "AB" for n in ("magnitude", "direction")
+                           if means["fedlr"].get((f, n)))
+        agree = all(means["federa"][k] < v for k, v in means["fedlr"].items())
+        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0])}: {ratios} -> "
+                     f"{'agrees' if agree else 'disagrees in part'} (1 run each)")
+    return lines if found else lines + ["- no experiment here has FeDeRA and FedLR drift logs"]
+
+
+def mean_drift(group: Group) -> dict[tuple[str, str], float]:
+    values: dict[tuple[str, str], list[float]] = {}
+    for run in group.runs:
+        for record in run.rounds:
+            for factor, parts in (record.get("drift") or {}).get("mean", {}).items():
+                for name, value in parts.items():
+                    if value is not None:  # the first round after a restart has no direction
+                        values.setdefault((factor, name), []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
 def budget_class(group: Group) -> str:
     size = float(np.mean([bytes_per_client_round(r) for r in group.runs]))
     return next(label for bound, label in BUDGETS if size <= bound)
@@ -311,6 +384,8 @@ def paper_page(paths: Sequence[str | Path], command: str = "") -> str:
         if len(members) < 2 and members[0].method != "federa":
             continue
         lines += dataset_section(members[0].runs[0].task, members, paper)
+    lines += ["## The paper's other claims, on our runs", "", *robustness_claim(groups), "",
+              *drift_claim(groups), ""]
     lines += ["## Which method should I use?", "",
               "From our runs only: per task, heterogeneity and budget (bytes per client-round), "
               "the best method and its margin over the runner-up.", "", *decision_table(groups),
