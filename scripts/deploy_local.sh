@@ -13,6 +13,10 @@
 #   FEDPEFT_NODE_PORT    first SuperNode Runtime API port; node k uses +k (default 9200)
 #   FEDPEFT_RESUME=1     continue FEDPEFT_OUT from its checkpoint instead of starting afresh
 #   FEDPEFT_WORKERS=0    no warm worker per SuperNode: each message trains in a fresh process
+#   FEDPEFT_NODE_THREADS torch threads per SuperNode (default: cores / N, at least 1)
+#   FEDPEFT_SUPERNODE_POLL  seconds a SuperNode waits between pulls that find no message
+#                        (default 0.2; 3 = Flower's own; see fedpeft/federation/supernode.py)
+#   FEDPEFT_NODE_CONFIG_k  extra --node-config of SuperNode k, e.g. "train-file='/data/k.csv'"
 #   FEDPEFT_CERTS=DIR    TLS + SuperNode authentication with the files of scripts/make_certs.sh
 #                        (DIR absolute; made with SUPERLINK_HOST 127.0.0.1)
 #   VENV_BIN             folder of fedpeft's Python environment (default: .venv/bin)
@@ -30,6 +34,8 @@ NODE_PORT=${FEDPEFT_NODE_PORT:-9200}
 RESUME=${FEDPEFT_RESUME:-0}
 WORKERS=${FEDPEFT_WORKERS:-1}
 CERTS=${FEDPEFT_CERTS:-}
+CORES=$(nproc 2>/dev/null || echo 1)
+NODE_THREADS=${FEDPEFT_NODE_THREADS:-$(( CORES / N > 0 ? CORES / N : 1 ))}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 : >"$WORK/pids"
@@ -40,8 +46,10 @@ export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # The Hugging Face hub is left to the caller's environment (the bundled model needs none).
 export TOKENIZERS_PARALLELISM=false
-# SuperExec looks for new tasks every 1 s by default; a round waits for that twice.
+# SuperExec looks for new tasks every 1 s by default (the SuperLink's, for the ServerApp; a
+# SuperNode's without a worker, for every message).
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}
+export FEDPEFT_SUPERNODE_POLL=${FEDPEFT_SUPERNODE_POLL:-0.2}
 
 # Each service runs in a process group of its own (setsid): stopping the group stops the
 # SuperExec and app processes it started as well.
@@ -101,30 +109,28 @@ if [ -n "$CERTS" ]; then  # register each SuperNode's public key (retry until th
   done
 fi
 
-if [ "$WORKERS" = 1 ]; then  # a warm training process per SuperNode (see federation/worker.py)
-  for ((k = 0; k < N; k++)); do
-    mkdir -p "$WORK/node$k"
-    setsid python -m fedpeft.federation.worker --socket "$WORK/node$k/worker/worker.sock" \
-      >"$WORK/worker$k.log" 2>&1 &
-    started $!
-  done
-  for ((k = 0; k < N; k++)); do
-    for ((w = 0; w < 600; w++)); do [ -S "$WORK/node$k/worker/worker.sock" ] && break; sleep 0.1; done
-  done
-fi
+# SuperNode k: flower-supernode (with a shorter idle poll, federation/supernode.py); with a warm
+# worker it runs in --isolation process and the worker takes its tasks from its Runtime API
+# (federation/worker.py), else Flower starts a ClientApp process per message.
+if [ "$WORKERS" = 1 ]; then ISOLATION=process; else ISOLATION=subprocess; fi
 for ((k = 0; k < N; k++)); do
   mkdir -p "$WORK/node$k"
-  NODE_CONFIG="partition-id=$k num-partitions=$N"
-  [ "$WORKERS" = 1 ] && NODE_CONFIG="$NODE_CONFIG worker='$WORK/node$k/worker/worker.sock'"
+  EXTRA_VAR="FEDPEFT_NODE_CONFIG_$k"
+  NODE_CONFIG="partition-id=$k num-partitions=$N threads=$NODE_THREADS ${!EXTRA_VAR:-}"
   if [ -n "$CERTS" ]; then
     NODE_SECURITY=(--root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node$k")
   else
     NODE_SECURITY=(--insecure)
   fi
-  FLWR_HOME="$WORK/node$k" setsid flower-supernode "${NODE_SECURITY[@]}" \
+  FLWR_HOME="$WORK/node$k" setsid python -m fedpeft.federation.supernode "${NODE_SECURITY[@]}" \
     --superlink "127.0.0.1:$PORT" --host 127.0.0.1 --port $((NODE_PORT + k)) \
-    --node-config "$NODE_CONFIG" >"$WORK/node$k.log" 2>&1 &
+    --isolation "$ISOLATION" --node-config "$NODE_CONFIG" >"$WORK/node$k.log" 2>&1 &
   started $!
+  if [ "$WORKERS" = 1 ]; then
+    FLWR_HOME="$WORK/node$k" setsid python -m fedpeft.federation.worker \
+      --runtime-api "127.0.0.1:$((NODE_PORT + k))" >"$WORK/worker$k.log" 2>&1 &
+    started $!
+  fi
 done
 
 RESUME_FLAG=false

@@ -30,6 +30,7 @@ class ConfigError(FedpeftError, ValueError):
 
 LORA_FAMILY = ("fedlr", "federa", "ffa-lora", "slora")  # the methods lora-dora/-rslora apply to
 LR_SCHEDULES = ("constant", "cosine", "step")  # see schedule.py
+QUANTIZABLE = ("fedlr", "ffa-lora")  # the methods quantize=4bit applies to (frozen base as is)
 
 
 def setting(default: Any, help: str = "", *, resumable: bool = False,
@@ -109,6 +110,16 @@ class RunConfig:
     lora_rslora: bool = setting(
         False, "LoRA family: rsLoRA scaling s = alpha / sqrt(r) (PEFT use_rslora)")
     target_modules: list[str] | None = setting(None, "None = query/value of the architecture")
+    lora_init: str = setting(
+        "gaussian", "fedsa-lora/rolora/fedex-lora/flexlora: gaussian (FedLR's A ~ N(0, 1/r^2), "
+        "B = 0) | svd (FeDeRA's A, B from the SVD of W, residual frozen); docs/methods.md")
+    client_ranks: str | None = setting(
+        None, "flora/flexlora/hetlora: LoRA rank per client, 4,8,16,32 (each client one of "
+        "them, seeded, balanced) or table:r0,r1,... (one per partition); each <= lora-rank")
+    hetlora_gamma: float = setting(
+        0.99, "hetlora: rank self-pruning keeps max(1, floor(gamma * r)) components")
+    hetlora_lambda: float = setting(
+        1e-3, "hetlora: weight of the pruning regulariser on the tail components; 0 = no pruning")
     # --- FedAP adapters and SLoRA's sparse first stage (see docs/methods.md) -----------------
     adapter_reduction: int = setting(
         16, "FedAP bottleneck width = hidden size / this (FedPETuning: 16)")
@@ -125,6 +136,12 @@ class RunConfig:
     max_test_samples: int | None = setting(None, "a seeded random subset of n test examples")
     valid_fraction: float = setting(
         0.0, "hold out this share of train as a validation split (lr choice)")
+    local_test_fraction: float = setting(
+        0.0, "hold out this seeded share of every client's shard as its local test split "
+        "(personalised evaluation; it does not train); docs/reports.md")
+    local_eval_clients: int = setting(
+        0, "local-test-fraction: clients that score the model on their local split at each "
+        "evaluation round; 0 = all, k = a seeded sample of k", structural=False)
     # --- bring-your-own data -----------------------------------------------------------------
     train_file: str | None = setting(None, "*-files tasks: the training file")
     test_file: str | None = setting(None, "*-files tasks: the test file")
@@ -140,6 +157,20 @@ class RunConfig:
     max_answer_length: int = setting(30, "QA: longest predicted answer span, in tokens")
     n_best: int = setting(
         20, "QA: start and end candidates per window considered in post-processing")
+    # --- generative tasks on decoders (squad-gen, instruct-files; docs/tasks.md) --------------
+    gen_eval_samples: int | None = setting(
+        200, "squad-gen/instruct-files: seeded test subset scored (loss + greedy generation); "
+        "None = all")
+    max_new_tokens: int = setting(
+        32, "squad-gen/instruct-files: longest generated answer, in tokens", resumable=True,
+        structural=False)
+    instruct_format: str = setting(
+        "auto", "instruct-files: auto | alpaca (instruction/input/output) | dolly "
+        "(instruction/context/response) | messages (chat)")
+    partition_field: str | None = setting(
+        None, "instruct-files: field holding the partition class (e.g. category); None = k-means")
+    quantize: str = setting(
+        "none", "none | 4bit: QLoRA-style NF4 base (bitsandbytes; CUDA; fedlr, ffa-lora)")
     # --- aggregation and transport (beyond the papers) ----------------------------------------
     aggregation: str = setting("fedavg", "fedavg | exact-lora (mean of s*B*A refactored by SVD)")
     strategy: str = setting("fedavg", "a Flower strategy by name (see `fedpeft strategies`)")
@@ -294,7 +325,16 @@ class RunConfig:
         if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
             raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
         self._validate_lora_variants()
+        self._validate_local_eval()
+        from .methods import check_method_settings
+
+        check_method_settings(self)  # a method's own combinations (fedsa-lora, rolora)
+        from .methods import METHODS
+        from .methods.lora_family import check_client_ranks
+
+        check_client_ranks(self, getattr(METHODS.get(self.method), "heterogeneous_ranks", False))
         self._validate_schedule()
+        self._validate_generation()
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):
@@ -343,6 +383,49 @@ class RunConfig:
         if variants and self.method not in LORA_FAMILY:
             raise ConfigError(f"{' and '.join(variants)} apply to the LoRA family "
                               f"({', '.join(LORA_FAMILY)}), not method={self.method}")
+
+    def _validate_generation(self) -> None:
+        if self.gen_eval_samples is not None and self.gen_eval_samples <= 0:
+            raise ConfigError(f"gen-eval-samples must be > 0 (or none), got "
+                              f"{self.gen_eval_samples}")
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"max-new-tokens must be > 0, got {self.max_new_tokens}")
+        if self.instruct_format not in ("auto", "alpaca", "dolly", "messages"):
+            raise ConfigError(f"instruct-format must be auto, alpaca, dolly or messages, got "
+                              f"{self.instruct_format!r}")
+        if self.quantize not in ("none", "4bit"):
+            raise ConfigError(f"quantize must be none or 4bit, got {self.quantize!r}")
+        if self.quantize == "4bit":
+            if self.method not in QUANTIZABLE:
+                raise ConfigError(f"quantize=4bit (a frozen 4-bit base, QLoRA) works with "
+                                  f"{', '.join(QUANTIZABLE)}: method={self.method} changes the "
+                                  "frozen weights themselves (FeDeRA's residual, SLoRA's sparse "
+                                  "stage) or trains them all")
+            import torch
+
+            if self.device == "cpu" or not torch.cuda.is_available():
+                raise ConfigError(f"quantize=4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
+                                  f"this run has device={self.device}"
+                                  f"{'' if torch.cuda.is_available() else ' and no CUDA'}; "
+                                  "use quantize=none on a CPU")
+
+    def _validate_local_eval(self) -> None:
+        if not (math.isfinite(self.local_test_fraction) and 0.0 <= self.local_test_fraction < 1.0):
+            raise ConfigError(f"local-test-fraction must be in [0, 1), got "
+                              f"{self.local_test_fraction}")
+        if not 0 <= self.local_eval_clients <= self.num_clients:
+            raise ConfigError(f"local-eval-clients must be in [0 (all), num-clients="
+                              f"{self.num_clients}], got {self.local_eval_clients}")
+        if self.local_eval_clients and not self.local_test_fraction:
+            raise ConfigError("local-eval-clients needs local-test-fraction > 0 (the clients' "
+                              "local test splits it scores on)")
+        if self.lora_init not in ("gaussian", "svd"):
+            raise ConfigError(f"lora-init must be gaussian or svd, got {self.lora_init!r}")
+        svd_starts = ("fedsa-lora", "rolora", "fedex-lora", "flexlora")
+        if self.lora_init != "gaussian" and self.method not in svd_starts:
+            raise ConfigError(f"lora-init={self.lora_init} applies to method="
+                              f"{', '.join(svd_starts)} (fedlr is the gaussian start, federa the "
+                              f"svd one), not method={self.method}")
 
     def _validate_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:

@@ -148,6 +148,9 @@ def peft_model(runtime: Runtime, anchor: dict[str, torch.Tensor] | None) -> torc
     if not isinstance(model, PeftModel):
         raise ExportError(f"{runtime.cfg.method} is not a LoRA-family method, so it has no PEFT "
                           "adapter; use --format merged")
+    if getattr(runtime.method, "merges_base", False):  # flora, fedex-lora
+        raise ExportError(f"{runtime.cfg.method} folds updates into the frozen weights, which an "
+                          "adapter on the pretrained model cannot carry; use --format merged")
     return plain_lora(runtime, anchor) if anchor else model
 
 

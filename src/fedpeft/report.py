@@ -132,6 +132,7 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
                                      title=f"{task}: {metric} vs {name}")
             lines += [f"![{metric} vs {name}]({file})", ""]
     lines += _sweep_section(task, groups, metric, folder, prefix, plots)
+    lines += _local_section(task, groups, metric, folder, prefix, plots)
     goal: float | None = None
     if target is not None:
         goal, origin = float(target), "given with --target"
@@ -209,6 +210,28 @@ def _sweep_section(task: str, groups: list[Group], metric: str, folder: Path, pr
                                    title=f"{task}: final {metric} vs {', '.join(swept)}"
                                    ) is not None:
             lines += [f"![final {metric} vs {', '.join(swept)}]({file})", ""]
+    return lines
+
+
+def _local_section(task: str, groups: list[Group], metric: str, folder: Path, prefix: str,
+                   plots: bool) -> list[str]:
+    """The clients' own held-out data (``local-test-fraction``): spread over clients of the
+    global and, where the method has one, the personalised model; nothing without it."""
+    local = [g for g in groups if all(tables.last_local_eval(r) for r in g.runs)]
+    if not local:
+        return []
+    lines = [f"## {task}: {metric} on the clients' local test splits (personalised evaluation)",
+             "", "The last evaluation on every client's held-out share of its own shard "
+             "(`local-test-fraction`, `local-eval-clients`): `mean` and `std` over the clients "
+             "evaluated, `worst 10%` = mean of the ceil(n/10) lowest clients, `min`; each mean ± "
+             "sample std over seeds. `personalised`: global shared tensors + the client's own "
+             "(fedsa-lora's B). `global test`: the global model on the test split.", "",
+             tables.local_table(local, metric), ""]
+    if plots:
+        file = f"{prefix}{metric}-per-client.png"
+        report_plots.plot_local_clients(local, metric, folder / file,
+                                        title=f"{task}: per-client {metric} (local splits)")
+        lines += [f"![per-client {metric}]({file})", ""]
     return lines
 
 

@@ -268,3 +268,38 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_local_clients(groups: Sequence[Group], metric: str, path: Path, title: str = "") -> Path:
+    """Per-client ``metric`` on the clients' local test splits at the last local evaluation:
+    each client's value, clients sorted from worst to best, one line per group and model
+    (global: dashed; personalised: solid); a group's first seed."""
+    from .report_tables import LOCAL_MODELS, last_local_eval
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    drawn = 0
+    for i, g in enumerate(groups):
+        record = last_local_eval(g.runs[0])
+        if record is None:
+            continue
+        for prefix, label in LOCAL_MODELS:
+            values = record["values"].get(f"{prefix}-{metric}")
+            if not values:
+                continue
+            ys = np.sort(np.asarray(values, dtype=np.float64))
+            xs = np.arange(1, len(ys) + 1) / len(ys) * 100
+            ax.plot(xs, ys, color=f"C{i % 10}", marker="o", markersize=3,
+                    linestyle="-" if prefix == "personal" else "--",
+                    label=f"{g.label}: {label}")
+            drawn += 1
+    ax.axvline(10, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("clients, sorted by their value (% of clients evaluated)")
+    ax.set_ylabel(f"{metric} on the client's local test split")
+    ax.set_title(title or f"per-client {metric} (last local evaluation)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no local evaluation logged", ha="center", transform=ax.transAxes)
+    return _save(fig, path)

@@ -320,3 +320,38 @@ def round_time_table(groups: Sequence[Group]) -> str:
                            *(f"{m:.2f}" for m in means), f"{means[0] / total:.0%}",
                            f"{np.mean(evals):.1f}" if evals else "-"]))
     return "\n".join(lines)
+
+
+# --- personalised evaluation (local-test-fraction; federation/local_eval.py) -------------------
+LOCAL_MODELS = (("global", "global model"), ("personal", "personalised (own B)"))
+
+
+def last_local_eval(run: Run) -> dict[str, Any] | None:
+    """The last ``local-eval`` record of a run (the clients' scores on their local splits)."""
+    evals = [r["local-eval"] for r in run.rounds if r.get("local-eval")]
+    return evals[-1] if evals else None
+
+
+def local_table(groups: Sequence[Group], metric: str) -> str:
+    """Per group and model (global; personalised where the method has one): the last
+    evaluation on the clients' local test splits: mean over clients, std over clients, mean of
+    the worst 10% of clients, minimum (each mean ± std over seeds), beside the global test
+    metric."""
+    columns = ["method", "model", "clients", f"mean {metric}", "std over clients",
+               "worst 10%", "min", f"global test {metric}"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        evals = [last_local_eval(r) for r in g.runs]
+        if any(e is None for e in evals):
+            continue
+        for prefix, label in LOCAL_MODELS:
+            key = f"{prefix}-{metric}"
+            stats = [e["stats"].get(key) for e in evals]  # type: ignore[index]
+            if any(s is None for s in stats):
+                continue
+            clients = sorted({int(s["clients"]) for s in stats})
+            lines.append(_row([g.label, label, "/".join(map(str, clients)),
+                               *(fmt_mean_std([s[k] for s in stats])
+                                 for k in ("mean", "std", "worst-10%", "min")),
+                               fmt_mean_std([r.final(metric) for r in g.runs])]))
+    return "\n".join(lines)

@@ -132,6 +132,12 @@ def round_scalars(record: Record) -> dict[str, float]:
         for factor, values in (drift.get("mean") or {}).items():
             for name, value in (values or {}).items():
                 out[f"drift/{factor}/{name}"] = value
+    local = record.get("local-eval")  # local-test-fraction: the spread over clients
+    if isinstance(local, Mapping):
+        for metric, stats in (local.get("stats") or {}).items():
+            for name, value in (stats or {}).items():
+                if name != "clients":
+                    out[f"local/{metric}/{name}"] = value
     privacy = record.get("privacy")
     if isinstance(privacy, Mapping):
         for name in ("epsilon", "delta"):

@@ -37,13 +37,16 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
                 lr: float, epochs: int, batch_size: int, weight_decay: float, max_grad_norm: float,
                 generator: torch.Generator, device: torch.device,
                 after_step: Callable[[], None] | None = None,
-                precision: str = "auto", proximal_mu: float = 0.0) -> TrainResult:
+                precision: str = "auto", proximal_mu: float = 0.0,
+                group_by_length: bool = False) -> TrainResult:
     """Train the parameters that require grad on ``rows`` and return what happened.
 
     ``after_step`` runs after every optimizer step (SLoRA's sparse mask re-applies itself there).
     A fresh AdamW is made for every call: optimiser state does not survive a round, as in FedAvg.
     ``proximal_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the trainable tensors, w_global
-    being their values when the round starts (Li et al., 2020).
+    being their values when the round starts (Li et al., 2020). ``group_by_length`` batches rows
+    of similar length (``length_grouped``) so that padding does not dominate (decoders' prompts
+    vary from tens to hundreds of tokens).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -55,8 +58,12 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
     start, losses, steps = time.perf_counter(), [], 0
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=generator).tolist()
+        if group_by_length:
+            order = length_grouped(order, [len(r["input_ids"]) for r in rows], batch_size,
+                                   generator)
         for batch in batches(rows, batch_size, collate, order):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}  # (a generative batch's logits_to_keep: int)
             with autocast:
                 loss = model(**batch).loss
             if anchors is not None:  # in fp32, outside autocast
@@ -76,6 +83,22 @@ def local_train(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], co
     model.eval()
     mean_loss = torch.stack(losses).float().mean().item() if losses else math.nan
     return TrainResult(len(rows), steps, mean_loss, time.perf_counter() - start)
+
+
+def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                   generator: torch.Generator, megabatch: int = 50) -> list[int]:
+    """``order`` (a random permutation) regrouped so that each batch holds rows of similar
+    length, still random: it is cut into mega-batches of ``megabatch`` batches, each sorted by
+    length (longest first), cut into batches, and the batches are shuffled (the idea of
+    transformers' ``LengthGroupedSampler``). The same rows, each once."""
+    size = max(1, megabatch * batch_size)
+    grouped = []
+    for start in range(0, len(order), size):
+        chunk = list(order[start : start + size])
+        grouped.extend(sorted(chunk, key=lambda i: -lengths[i]))
+    cut = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
+    shuffle = torch.randperm(len(cut), generator=generator).tolist()
+    return [i for b in shuffle for i in cut[b]]
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],

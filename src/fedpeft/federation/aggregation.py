@@ -70,8 +70,9 @@ def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def exact_lora_mean(states: Sequence[State], weights: Sequence[float], scaling: float,
-                    rank: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Aggregate LoRA factors through their products (beyond the papers).
+                    rank: int, scalings: Sequence[float] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Aggregate LoRA factors through their products (beyond the papers; FlexLoRA's rule).
 
     FedAvg of A and B separately averages the factors, but mean(B) @ mean(A) != mean(B @ A):
     the global model is then not the average of the clients' models. Here the server forms the
@@ -79,18 +80,28 @@ def exact_lora_mean(states: Sequence[State], weights: Sequence[float], scaling: 
     with an SVD (A = sqrt(S_r/s) V_r^T, B = U_r sqrt(S_r/s)); the mean of K rank-r products can
     have rank up to K*r, so the truncation error ||P - s B A||_F / ||P||_F is returned per layer.
     Tensors that are not LoRA factors (the head) are averaged as in ``fedavg``.
+
+    Heterogeneous ranks (FlexLoRA, Bai et al., 2024): client k's factors may have their own rank
+    r_k and their own scale ``scalings[k]`` (s_k = alpha / r_k); the mean product is then
+    sum_k w_k s_k B_k A_k, factored at ``rank`` with the global ``scaling``.
     """
     import torch
 
     from ..tensors import svd_factors
 
-    out = fedavg(states, weights)  # the head; LoRA entries are overwritten below
+    pairs = lora_pairs(list(states[0]))
+    factor_keys = {k for pair in pairs for k in pair}
+    out = fedavg([{k: v for k, v in s.items() if k not in factor_keys} for s in states],
+                 weights)  # the head (and any other tensor)
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
+    scales = [1.0] * len(states) if scalings is None else list(scalings)
     errors = {}
-    for key_a, key_b in lora_pairs(list(states[0])):
-        product = sum(wi * (s[key_b].astype(np.float64) @ s[key_a].astype(np.float64))
-                      for wi, s in zip(w, states, strict=True)) * scaling  # (d_out, d_in)
+    for key_a, key_b in pairs:
+        product = sum(wi * si * (s[key_b].astype(np.float64) @ s[key_a].astype(np.float64))
+                      for wi, si, s in zip(w, scales, states, strict=True))  # (d_out, d_in)
+        if scalings is None:  # one scale for every client
+            product = product * scaling
         a, b = svd_factors(torch.from_numpy(product), rank, scaling)
         approx = scaling * (b.numpy() @ a.numpy())
         norm = np.linalg.norm(product)

@@ -13,6 +13,12 @@ A round is a pure function of (global state, seed, round, client): the shuffle a
 global RNG (dropout) are seeded from ``SeedSequence([seed, round, partition_id])``, so a round
 that is replayed after a crash, or retried, trains exactly as the first time.
 
+A method whose clients keep tensors between rounds (fedsa-lora's B) loads them from the node's
+``ClientStore`` after the global state, and saves them before replying (``client_store.py``:
+version = round, so a replayed round starts from the same ones). With ``local-test-fraction``
+the client trains without its local test split, and an evaluate message scores the global model
+on that split (and the personalised one, global state + the client's own tensors).
+
 ``fail-rate`` / ``fail-mode`` are a *testing aid*: a seeded share of clients fails on purpose
 (raises, hangs, or returns NaN or huge tensors) so that the server's failure handling and
 update validation can be exercised; they are 0 / off in real runs.
@@ -24,6 +30,7 @@ from .. import offline
 
 offline.apply()
 
+import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -33,8 +40,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from ..config import RunConfig  # noqa: E402
 from ..training import local_train  # noqa: E402
+from .client_store import open_store  # noqa: E402
+from .nodedata import NodeSettings, check_labels, node_settings  # noqa: E402
 from .runtime import Runtime, anchor_id, cached_runtime  # noqa: E402
-from .state import decode, encode, from_record, to_record  # noqa: E402
+from .state import decode, encode, from_record, is_packed, wire_record  # noqa: E402
 from .strategies.dp import client_dp_mod  # noqa: E402
 
 app = ClientApp(mods=[client_dp_mod])  # Flower's clipping mods, for dp=client-*
@@ -59,18 +68,22 @@ def held_anchor(state: RecordDict) -> str:
 @app.query()
 def whoami(msg: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds, and which anchor it already has."""
-    return Message(query_content(partition_id(context), context.state), reply_to=msg)
+    return Message(query_content(partition_id(context), context.state,
+                                 node_settings(context.node_config)), reply_to=msg)
 
 
-def query_content(pid: int, state: RecordDict) -> RecordDict:
-    """The answer to the server's query: partition id and the anchor held in ``state``."""
-    return RecordDict({"metrics": MetricRecord({"partition-id": pid}),
+def query_content(pid: int, state: RecordDict, node: NodeSettings | None = None) -> RecordDict:
+    """The answer to the server's query: partition id, the anchor held in ``state``, and
+    whether the node trains on its own files (``nodedata.py``)."""
+    own = int(node is not None and node.own_data)
+    return RecordDict({"metrics": MetricRecord({"partition-id": pid, "own-data": own}),
                        "config": ConfigRecord({"anchor-id": held_anchor(state)})})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    reply = train_content(msg.content, partition_id(context), context.state)
+    reply = train_content(msg.content, partition_id(context), context.state,
+                          node_settings(context.node_config))
     return Message(reply, reply_to=msg)
 
 
@@ -89,8 +102,10 @@ def injected_fault(seed: int, fail_rate: float, server_round: int, pid: int,
     return bool(rng.random() < fail_rate)
 
 
-def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDict:
-    """Run one local round for client ``pid``; ``state`` is the node's persistent state."""
+def train_content(content: RecordDict, pid: int, state: RecordDict,
+                  node: NodeSettings | None = None) -> RecordDict:
+    """Run one local round for client ``pid``; ``state`` is the node's persistent state;
+    ``node``: the SuperNode's own settings (threads, its own files; ``nodedata.py``)."""
     started = time.perf_counter()
     config = content["config"]
     cfg = RunConfig.from_json(str(config["run-config"]))
@@ -102,7 +117,14 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
                            f"client {pid})")
     if fault and cfg.fail_mode == "hang":
         time.sleep(2 * cfg.round_timeout + 1)  # past the server's deadline; the reply is late
-    runtime = cached_runtime(cfg)
+    node = node or NodeSettings()
+    server_labels = config.get("label-names")  # sent by the server for nodes with own data
+    labels = [str(x) for x in json.loads(str(server_labels))] \
+        if node.own_data and server_labels else None
+    runtime = cached_runtime(node.run_config(cfg), labels)
+    node.apply_threads()
+    if labels is not None:
+        check_labels(runtime.task, labels, node.train_file or node.data_dir)
     check_base(runtime, str(config.get("base-fingerprint", "")))
     if "anchor" in content:
         state[ANCHOR_KEY] = content["anchor"]
@@ -110,8 +132,12 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
     runtime.method.configure_client(runtime, config)
 
     incoming = decode(from_record(content["arrays"]), cfg.transport_dtype)
-    runtime.method.import_state(runtime.model, incoming)
-    rows = runtime.client_rows(pid)
+    runtime.method.receive(runtime, incoming, pid)  # import_state, or this client's share
+    # tensors this client keeps between rounds (fedsa-lora's B), the newest before this round
+    store = open_store(node.state_dir, config) if runtime.method.keeps_local_state else None
+    started_from = runtime.method.load_local(runtime, store, pid, server_round) if store else None
+    # a node with its own files trains on all of them; else on its partition of the shared data
+    rows = runtime.features("train").rows if node.own_data else runtime.client_rows(pid)
     shuffle_seed, dropout_seed = round_seeds(cfg.seed, server_round, pid)
     with torch.random.fork_rng(devices=_cuda_devices(runtime)):
         torch.manual_seed(dropout_seed)  # dropout draws from the global RNG
@@ -123,23 +149,68 @@ def train_content(content: RecordDict, pid: int, state: RecordDict) -> RecordDic
             generator=torch.Generator().manual_seed(shuffle_seed), device=runtime.device,
             after_step=runtime.method.after_step(runtime.model), precision=cfg.precision,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by strategy=fedprox
+            group_by_length=runtime.task.group_by_length,
         )
-    update = runtime.method.export_state(runtime.model)
+    if store is not None:  # saved before the reply, so the next round finds it
+        runtime.method.save_local(runtime, store, pid, server_round, started_from)
+    update = runtime.method.reply(runtime, pid)  # export_state, or this client's share
     if fault and cfg.fail_mode in ("nan", "huge"):
         update = _corrupt(update, cfg.fail_mode)
     metrics = MetricRecord({
         # FedAvg's weight n_k: the client's examples (QA trains on more windows than examples)
-        "num-examples": len(runtime.partition().clients[pid]),
+        "num-examples": len(runtime.task.examples("train")) if node.own_data
+        else len(runtime.client_examples(pid)),  # without its local test split
         "train-rows": result.num_examples,
         "train-loss": result.loss,
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "partition-id": pid,
     })
-    arrays = to_record(encode(update, cfg.transport_dtype))
+    # answered in the format it was sent (packed by a deployed server, state.py)
+    arrays = wire_record(encode(update, cfg.transport_dtype), is_packed(content["arrays"]))
     # Everything this handler did (model build on first use, decode, train, encode)
     metrics["handler-seconds"] = time.perf_counter() - started
     return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    reply = evaluate_content(msg.content, partition_id(context), context.state,
+                             node_settings(context.node_config))
+    return Message(reply, reply_to=msg)
+
+
+def evaluate_content(content: RecordDict, pid: int, state: RecordDict,
+                     node: NodeSettings | None = None) -> RecordDict:
+    """Score the global model on client ``pid``'s local test split (``local-test-fraction``):
+    metrics ``global-<name>``; for a method whose clients keep their own tensors (fedsa-lora)
+    also the client's personalised model (global state + its newest own tensors up to this
+    round): ``personal-<name>``. ``num-examples``: the size of the local test split."""
+    config = content["config"]
+    cfg = RunConfig.from_json(str(config["run-config"]))
+    server_round = int(config["round"])
+    node = node or NodeSettings()
+    if node.own_data:
+        raise RuntimeError("local-test-fraction: this node trains on its own files "
+                           "(node-config train-file/data-dir), which have no local test split")
+    runtime = cached_runtime(node.run_config(cfg))
+    node.apply_threads()
+    check_base(runtime, str(config.get("base-fingerprint", "")))
+    if "anchor" in content:
+        state[ANCHOR_KEY] = content["anchor"]
+    _ensure_anchor(runtime, str(config.get("anchor-id", "")), state)
+    runtime.method.configure_client(runtime, config)
+    runtime.method.import_state(runtime.model,
+                                decode(from_record(content["arrays"]), cfg.transport_dtype))
+    metrics = {f"global-{k}": float(v) for k, v in runtime.evaluate_local(pid).items()}
+    if runtime.method.keeps_local_state:
+        store = open_store(node.state_dir, config)
+        runtime.method.load_local(runtime, store, pid, server_round + 1)  # up to this round
+        metrics.update({f"personal-{k}": float(v)
+                        for k, v in runtime.evaluate_local(pid).items()})
+    return RecordDict({"metrics": MetricRecord({
+        **metrics, "num-examples": len(runtime.client_examples(pid, "local-test")),
+        "partition-id": pid})})
 
 
 def check_base(runtime: Runtime, wanted: str) -> None:

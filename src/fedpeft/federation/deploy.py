@@ -29,6 +29,7 @@ from .. import offline
 
 offline.apply()
 
+import os  # noqa: E402
 import shlex  # noqa: E402
 from logging import INFO, WARNING  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,7 +40,11 @@ from flwr.common.logger import log  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ..config import ConfigError, RunConfig, load_config  # noqa: E402
+from .exchange import DISCOVERY  # noqa: E402
+from .latency import shorten_pulls  # noqa: E402
+from .rounds import error_summary  # noqa: E402
 from .server_app import open_run, run_server  # noqa: E402
+from .state import pack_on_wire  # noqa: E402
 from .worker import client_app  # noqa: E402
 
 server_app = ServerApp()
@@ -49,7 +54,8 @@ __all__ = ["client_app", "read_run_config", "server_app"]
 
 def read_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, bool, bool]:
     """``(cfg, resume, overwrite)`` from Flower's run config (keys in the module docstring)."""
-    unknown = sorted(set(run_config) - {"config", "settings", "resume", "overwrite"})
+    unknown = sorted(set(run_config) - {"config", "settings", "resume", "overwrite",
+                                        "join-timeout"})
     if unknown:
         raise ConfigError(f"unknown run-config keys {unknown}; fedpeft settings go in "
                           "settings='key=value ...'")
@@ -64,13 +70,30 @@ def read_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, bool, bool]:
     return cfg, _flag(run_config.get("resume", False)), _flag(run_config.get("overwrite", False))
 
 
+def join_timeout(run_config: dict[str, Any]) -> float:
+    """``join-timeout``: seconds to wait for every partition's node before round 1 (then the
+    run starts with those present, at least ``min-train-clients``; the others may join later)."""
+    raw = run_config.get("join-timeout", 60)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"join-timeout={raw!r}: expected seconds >= 0")
+    return value
+
+
 def _flag(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes")
 
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_pulls()  # replies are read as soon as their objects arrive (latency.py)
+    # one array per message instead of one object per tensor (state.py); FEDPEFT_PACK=0: off
+    pack_on_wire(os.environ.get("FEDPEFT_PACK", "1") != "0")
     cfg, resume, overwrite = read_run_config(dict(context.run_config))
+    DISCOVERY.update(timeout=join_timeout(dict(context.run_config)), partial=True)
     run_dir = cfg.run_dir()
     log(INFO, "fedpeft: %s %s on %s, %d clients, %d rounds -> %s", cfg.method, cfg.task,
         cfg.model, cfg.num_clients, cfg.rounds, run_dir)
@@ -83,6 +106,11 @@ def main(grid: Grid, context: Context) -> None:
         shown = " ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
         log(INFO, "fedpeft: round %d/%d loss=%.4f %s (%.1f s)", record["round"], cfg.rounds,
             record["train-loss"], shown, record["seconds"])
+        for change in record.get("nodes", []):
+            log(WARNING, "fedpeft: round %d: %s", record["round"], change)
+        for failure in record["failures"]:
+            log(WARNING, "fedpeft: round %d: client %s failed (%s): %s", record["round"],
+                failure["client"], failure["kind"], error_summary(str(failure["reason"])))
         if record["failures"] or record["rejected"]:
             log(WARNING, "fedpeft: round %d: %d client failure(s), %d update(s) rejected%s",
                 record["round"], len(record["failures"]), len(record["rejected"]),

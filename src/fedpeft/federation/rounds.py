@@ -25,10 +25,10 @@ from ..methods import Method
 from ..schedule import sampling_probabilities
 from .aggregation import WeightedMean
 from .exchange import Nodes, exchange
-from .state import decode, encode, from_record, to_record
+from .state import decode, encode, from_record, packs_on_wire, to_record, wire_record
 from .strategies.build import UNIFORM_WEIGHT, SampledGrid, messages_by_node, quiet, streams
 from .strategies.dp import KEY_DP_MOD, forget_pending_release
-from .validation import check_update, check_weight, ordered_like
+from .validation import check_own_weight, check_update, check_weight, ordered_like
 
 Record = dict[str, Any]
 STRATEGY_REPLY_METRICS = (KEY_NORM_BIT,)  # what a client's mods add for the strategy
@@ -60,6 +60,18 @@ class RoundResult:
     bytes_up: int = 0
     mean: WeightedMean | None = None  # FedAvg of ``updates``, summed as they were read
     replied: int = 0  # clients that returned an update, over every attempt (valid or not)
+    # client-ranks: {"<rank>": {"clients", "bytes-down", "bytes-up"}} (``Method.rank_of``)
+    by_rank: dict[str, Record] = field(default_factory=dict)
+
+    def count_rank(self, method: Method | None, cfg: RunConfig, pid: int, down: int = 0,
+                   up: int = 0) -> None:
+        rank = method.rank_of(pid) if method is not None and cfg.client_ranks else None
+        if rank is None:
+            return
+        row = self.by_rank.setdefault(str(rank), {"clients": 0, "bytes-down": 0, "bytes-up": 0})
+        row["clients"] += 1 if down else 0
+        row["bytes-down"] += down
+        row["bytes-up"] += up
 
 
 def check_progress(cfg: RunConfig, server_round: int, result: RoundResult,
@@ -104,9 +116,10 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
     result = RoundResult()
     attempts = 1 + (cfg.round_retries if cfg.on_round_failure == "retry" else 0)
     server_round = int(config["round"])
-    shared = to_record(encode(global_state, cfg.transport_dtype))  # for every default payload
+    packed = packs_on_wire(cfg.dp)  # deployed: one array per message (state.py)
+    shared = wire_record(encode(global_state, cfg.transport_dtype), packed)  # default payload
     exact = to_record(global_state)  # what the strategy sees: the global state, not the wire
-    anchor_record = to_record(anchor) if anchor is not None else None
+    anchor_record = wire_record(anchor, packed) if anchor is not None else None
     anchor_key = str(config["anchor-id"])
     for attempt in range(attempts):
         sampled = sorted(int(p) for p in sampler.choice(cfg.num_clients, cfg.clients_per_round,
@@ -134,12 +147,13 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             sent = method.client_payload(global_state, pid, server_round) if method \
                 else global_state
             arrays = shared if sent is global_state else \
-                to_record(encode(sent, cfg.transport_dtype))
+                wire_record(encode(sent, cfg.transport_dtype), packed)
             references.append(method.upload_reference(sent, pid, server_round) if method
                               else global_state)
             content = RecordDict({"arrays": arrays,
                                   "config": strategy_config(configured[node], cfg)})
             result.bytes_down += arrays.count_bytes()
+            result.count_rank(method, cfg, pid, down=arrays.count_bytes())
             if anchor_record is not None and nodes.anchors.get(pid) != anchor_key:
                 content["anchor"] = anchor_record
                 result.bytes_down += anchor_record.count_bytes()
@@ -148,24 +162,36 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
             targets.append(pid)
         replies, unanswered = exchange(grid, messages, cfg.round_timeout or None)
         for i in unanswered:
+            nodes.failed.add(targets[i])  # a new node for it may replace this one (exchange.py)
+            nodes.anchors.pop(targets[i], None)  # and would need the anchor again
             result.failures.append({"client": targets[i], "attempt": attempt, "kind": "timeout",
                                     "reason": f"no reply within round-timeout="
                                               f"{cfg.round_timeout:g} s"})
         for i in sorted(replies):  # partition order: the same sums in every run
             reply, pid = replies.pop(i), targets[i]  # each reply is dropped once read
             if reply.has_error():
+                nodes.failed.add(pid)
+                if any(w in reply.error.reason.lower() for w in ("anchor", "unavailable")):
+                    nodes.anchors.pop(pid, None)  # a restarted node: send the anchor again
                 result.failures.append({"client": pid, "attempt": attempt, "kind": "error",
                                         "reason": reply.error.reason})
                 continue
             result.replied += 1
+            nodes.failed.discard(pid)
             if anchor_record is not None:
                 nodes.anchors[pid] = anchor_key  # it replied, so it stored the anchor
             result.bytes_up += reply.content["arrays"].count_bytes() \
                 if "arrays" in reply.content else 0
-            update, reason = read_update(reply, pid, references[i], sizes[pid], cfg)
+            result.count_rank(method, cfg, pid, up=reply.content["arrays"].count_bytes()
+                              if "arrays" in reply.content else 0)
+            update, reason = read_update(reply, pid, references[i], sizes[pid], cfg,
+                                         own_data=pid in nodes.own_data,
+                                         first=nodes.expected_size(pid, sizes[pid]))
             if update is None:
                 result.rejected.append({"client": pid, "attempt": attempt, "reason": reason})
                 continue
+            if pid in nodes.own_data and not nodes.own_data[pid]:
+                nodes.own_data[pid] = int(update.weight)  # its weight from now on
             if result.mean is not None:  # FedAvg: add it now, keep only the running sums
                 result.mean.add(update.state, update.weight)
                 update.state = {}
@@ -185,8 +211,11 @@ def strategy_config(message: Message, cfg: RunConfig) -> ConfigRecord:
 
 
 def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size: int,
-                cfg: RunConfig) -> tuple[Update | None, str]:
-    """The reply's update if it passes every check, else None and the reason."""
+                cfg: RunConfig, own_data: bool = False, first: int | None = None
+                ) -> tuple[Update | None, str]:
+    """The reply's update if it passes every check, else None and the reason. ``own_data``:
+    the node trains on its own files, so its weight is checked against ``first`` (its first
+    valid update's) instead of the shard ``size`` the server computed."""
     try:
         metrics = reply.content["metrics"]
         claimed = int(metrics["partition-id"])
@@ -198,7 +227,8 @@ def read_update(reply: Message, pid: int, reference: dict[str, np.ndarray], size
         return None, f"malformed reply: {err!r}"
     if claimed != pid:
         return None, f"reply claims partition {claimed}, expected {pid}"
-    reason = check_weight(weight, size) or check_update(state, reference, cfg.max_update_norm)
+    reason = (check_own_weight(weight, first) if own_data else check_weight(weight, size)) \
+        or check_update(state, reference, cfg.max_update_norm)
     if reason:
         return None, reason
     passed = {k: metrics[k] for k in STRATEGY_REPLY_METRICS if k in metrics}
@@ -227,7 +257,8 @@ def aggregate_updates(cfg: RunConfig, result: RoundResult, strategy: Strategy,
     # server optimisers compute in float64; the next round's updates are checked against dtypes
     state = {k: np.asarray(v, dtype=reference[k].dtype) if k in reference else v
              for k, v in from_record(arrays).items()}
-    return ordered_like(state, reference), extra
+    # a method's own rule may change the keys (flora's merged update: factored, then dense)
+    return (ordered_like(state, reference) if state.keys() == reference.keys() else state), extra
 
 
 def update_reply(update: Update, server_round: int) -> Message:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, non_structural_settings
 from ..methods import Method, make_method
-from ..models import load_model, load_tokenizer, max_input_length
+from ..models import load_model, load_tokenizer, max_input_length, quantization_kwargs
 from ..partition import Partition, make_partition
 from ..tasks import Features, Task, make_task
 from ..training import resolve_device
@@ -58,10 +58,12 @@ def anchor_id(anchor: dict[str, np.ndarray] | None) -> str:
 class Runtime:
     """Everything a process needs to train or evaluate for one run configuration."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, labels: list[str] | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.task: Task = make_task(cfg)
+        if labels is not None:  # the server's label set (a node with its own files)
+            self.task._labels = list(labels)
         self.method: Method = make_method(cfg, self.task.peft_task_type)
         self.tokenizer = load_tokenizer(cfg.model)
         self.base_fingerprint = ""  # of the pretrained model + seeded head, set by build_model
@@ -75,7 +77,8 @@ class Runtime:
         """Pretrained encoder + head (seeded), with the method applied, on the run's device."""
         task = self.task
         base = load_model(self.cfg.model, task.auto_model_class(), seed=self.cfg.seed,
-                          **task.model_kwargs())
+                          **task.model_kwargs(),
+                          **quantization_kwargs(self.cfg.quantize, self.device))  # QLoRA base
         if not self.base_fingerprint:
             self.base_fingerprint = weights_fingerprint(base)
         return self.method.apply(base).to(self.device)
@@ -84,6 +87,7 @@ class Runtime:
         """Settings the model or the device cannot honour fail here, before any training."""
         cfg, limit = self.cfg, max_input_length(self.model)
         self.task.length_limit = limit
+        self.task.prepare(self.model)
         if cfg.max_length and limit and cfg.max_length > limit:
             raise ConfigError(f"max-length={cfg.max_length} exceeds what model={cfg.model} can "
                               f"take: its position embeddings allow {limit} tokens")
@@ -105,10 +109,33 @@ class Runtime:
             self._partition = make_partition(classes, self.cfg)
         return self._partition
 
+    def client_examples(self, partition_id: int, part: str = "train") -> np.ndarray:
+        """Client ``partition_id``'s training examples (indices into the train split), or with
+        ``part="local-test"`` its held-out local test split (``local-test-fraction``)."""
+        from ..partition import local_split
+
+        train, test = local_split(self.partition().clients[partition_id],
+                                  self.cfg.local_test_fraction, self.cfg.seed, partition_id)
+        return test if part == "local-test" else train
+
     def client_rows(self, partition_id: int) -> list[dict[str, list[int]]]:
-        """Training features of client ``partition_id``."""
-        examples = self.partition().clients[partition_id]
+        """Training features of client ``partition_id`` (without its local test split)."""
+        examples = self.client_examples(partition_id)
         return self.features("train").select_examples(examples).rows
+
+    def evaluate_local(self, partition_id: int) -> dict[str, float]:
+        """The model's metrics on client ``partition_id``'s local test split (featurised as an
+        evaluation split, once per client)."""
+        key = f"local-test-{partition_id}"
+        train = self.task.examples("train")
+        examples = [train[i] for i in self.client_examples(partition_id, "local-test")]
+        if not examples:
+            raise ValueError(f"client {partition_id} has no local test split "
+                             f"(local-test-fraction={self.cfg.local_test_fraction})")
+        if key not in self._features:
+            self._features[key] = self.task.featurize(examples, self.tokenizer, "local-test")
+        return self.task.evaluate(self.model, examples, self._features[key], self.tokenizer,
+                                  self.device)
 
     def collate(self, rows: Any) -> dict[str, torch.Tensor]:
         return self.task.collate(rows, self.tokenizer.pad_token_id)
@@ -132,14 +159,15 @@ def set_threads(cfg: RunConfig, server: bool = False) -> None:
 _CACHE: dict[str, Runtime] = {}
 
 
-def cached_runtime(cfg: RunConfig) -> Runtime:
-    """This process's runtime for ``cfg`` (built on first use; one run cached at a time)."""
-    key = structure_key(cfg)
+def cached_runtime(cfg: RunConfig, labels: list[str] | None = None) -> Runtime:
+    """This process's runtime for ``cfg`` (built on first use; one run cached at a time).
+    ``labels``: the head's label set when it must be the server's rather than this node's."""
+    key = structure_key(cfg) + ("" if labels is None else repr(labels))
     runtime = _CACHE.get(key)
     if runtime is None:
         _CACHE.clear()
         set_threads(cfg)
-        runtime = _CACHE[key] = Runtime(cfg)
+        runtime = _CACHE[key] = Runtime(cfg, labels)
     runtime.cfg = cfg  # non-structural settings (lr, rounds) may change between messages
     runtime.method.cfg = cfg
     runtime.task.cfg = cfg

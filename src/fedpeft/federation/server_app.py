@@ -46,7 +46,9 @@ from .checkpoint import (  # noqa: E402
     save_checkpoint,
     saved_config,
 )
+from .client_store import run_key  # noqa: E402
 from .exchange import discover_nodes, refresh_nodes  # noqa: E402
+from .local_eval import evaluate_clients  # noqa: E402
 from .rounds import aggregate_updates, check_progress, train_round  # noqa: E402
 from .runtime import Runtime, anchor_id, set_threads  # noqa: E402
 from .state import (  # noqa: E402
@@ -125,7 +127,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     anchor_key = anchor_id(anchor)
     digest_start = frozen_digest(runtime.model)
     partition = runtime.partition()
-    sizes = [len(c) for c in partition.clients]
+    # FedAvg weights, validated num-examples and size sampling: what each client trains on
+    sizes = [len(runtime.client_examples(p)) for p in range(cfg.num_clients)]
     log.write_json("partition.json", {
         "num-clients": cfg.num_clients, "alpha": cfg.alpha, "seed": cfg.seed,
         "classes": partition.classes, "sizes": partition.sizes(),
@@ -153,9 +156,15 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         load_strategy_state(strategy, checkpoint.strategy_state, checkpoint.strategy_tensors)
     drift = DriftTracker()  # LoRA factors only; other methods log no drift
     drift.observe(global_state)
-    nodes = discover_nodes(grid, cfg.num_clients)
+    nodes = discover_nodes(grid, cfg.num_clients, min_nodes=cfg.min_train_clients,
+                           query_timeout=min(cfg.round_timeout or 60.0, 60.0))
     base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key,
-                   "base-fingerprint": runtime.base_fingerprint}
+                   "base-fingerprint": runtime.base_fingerprint,
+                   # the head's labels, for nodes that train on their own files (nodedata.py)
+                   "label-names": json.dumps(runtime.task.label_names)}
+    if runtime.method.keeps_local_state:  # fedsa-lora's B: where clients keep it (client_store)
+        base_config.update({"client-store": str((log.path / "clients").resolve()),
+                            "client-store-key": run_key(log.path)})
     failed_in_a_row = 0  # rounds without a valid update, up to now
     for record in reversed(history):
         if not record.get("skipped"):
@@ -190,6 +199,10 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         # The model this round trained is evaluated before a method's switch (SLoRA's stage 1
         # -> 2), so the round's metrics are its own; the switched model's go beside them.
         metrics_eval = evaluate_global(cfg, runtime) if evaluate else {}
+        # the clients' own held-out data (local-test-fraction): global and personalised models
+        local_eval = evaluate_clients(grid, cfg, nodes, strategy, runtime.method, global_state,
+                                      config, anchor, server_round) \
+            if evaluate and cfg.local_test_fraction > 0 else {}
         t_eval = time.perf_counter()
         switched = runtime.method.end_round(server_round, runtime, global_state)
         switch_metrics: dict[str, float] = {}
@@ -213,15 +226,20 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "metrics": metrics_eval,
             "bytes-down": result.bytes_down,
             "bytes-up": result.bytes_up,
+            **({"bytes-by-rank": {k: result.by_rank[k] for k in sorted(result.by_rank, key=int)}}
+               if result.by_rank else {}),  # client-ranks: bytes per client rank
             "lr": config["lr"],  # the clients' rate this round (schedule.py)
             "seconds": t_end - t0,
             "seconds-train": t_train - t0,
             "seconds-client-max": max((u.seconds for u in result.updates), default=0.0),
             "seconds-clients": sum(u.seconds for u in result.updates),  # local training, summed
             "seconds-handlers": sum(u.handler_seconds for u in result.updates),
+            # the slowest client's handler: a deployed round's compute when nodes run in parallel
+            "seconds-handler-max": max((u.handler_seconds for u in result.updates), default=0.0),
             "seconds-aggregate": t_agg - t_train + (t_end - t_eval),
             "seconds-eval": t_eval - t_agg,
             **({"metrics-after-switch": switch_metrics} if switch_metrics else {}),
+            **({"local-eval": local_eval} if local_eval else {}),
             **({"privacy": spent} if (spent := privacy_spent(strategy)) else {}),
             **({"nodes": node_changes} if node_changes else {}),
             **({"drift": drifted} if drifted else {}),
@@ -287,8 +305,13 @@ def summarize(cfg: RunConfig, runtime: Runtime, history: list[Record],
         "rounds": cfg.rounds,
         "final": final,
         "best": max((r["metrics"][metric] for r in evaluated), default=None),
+        # local-test-fraction: the last evaluation on the clients' own splits (stats per metric)
+        **({"final-local": local[-1]["local-eval"]["stats"]}
+           if (local := [r for r in history if r.get("local-eval")]) else {}),
         "lr": runtime.method.lr,
-        "trainable-params": num_parameters(global_state),
+        # what trains; fedsa-lora's clients also train their own B, which is not in the state
+        "trainable-params": sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
+        if runtime.method.keeps_local_state else num_parameters(global_state),
         "total-params": sum(p.numel() for p in runtime.model.parameters()),
         "anchor-params": num_parameters(anchor) if anchor else 0,
         "bytes-per-client-round": (sum(r["bytes-down"] + r["bytes-up"] for r in history)

@@ -85,6 +85,18 @@ def check_weight(num_examples: float, expected: int) -> str | None:
     return None
 
 
+def check_own_weight(num_examples: float, first: int | None) -> str | None:
+    """Why the example count of a node that trains on its own files (the server cannot count
+    them) is not acceptable: not a whole number >= 1, or not the count of its first update."""
+    if not (math.isfinite(num_examples) and num_examples >= 1
+            and num_examples == int(num_examples)):
+        return f"num-examples={num_examples}: expected a whole number >= 1"
+    if first is not None and num_examples != first:
+        return (f"num-examples={num_examples} but this node (its own data) reported {first} in "
+                "its first update; a node's FedAvg weight may not change during a run")
+    return None
+
+
 def check_update(update: State, reference: State, max_update_norm: float) -> str | None:
     """All checks in order (structure, finiteness, norm); the first failure's reason or None."""
     return (check_structure(update, reference) or check_finite(update)

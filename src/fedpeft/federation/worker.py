@@ -1,128 +1,204 @@
-"""A warm training process beside a deployed SuperNode, and the thin ClientApp that uses it.
+"""A warm ClientApp executor beside a deployed SuperNode (Flower's ``--isolation process``).
 
-A Flower 1.42 SuperNode starts a fresh ``flwr-clientapp`` process for every message it
-receives. With fedpeft's ClientApp that process imports torch and transformers, loads the
-encoder and tokenises the client's data before it trains for one round: seconds for a tiny
-model, a minute for a large one, every round. (``--isolation process`` only moves where that
-process is launched; each message still gets a new one.)
+A Flower 1.42 SuperNode runs every message in a fresh ``flwr-clientapp`` process, launched by a
+SuperExec that polls the SuperNode's Runtime API for tasks. With fedpeft's ClientApp that
+process starts Python and Flower (~1.7 s here), imports torch and transformers, loads the
+encoder and tokenises the client's data before it trains for one round: every round.
 
-So, optionally, each SuperNode machine runs one long-lived worker::
+With ``--isolation process`` the SuperNode launches nothing and waits for an executor of the
+user's choosing to take its tasks from the Runtime API. This module is that executor, one
+long-lived process per SuperNode::
 
-    python -m fedpeft.federation.worker --socket /srv/fedpeft/node0/worker.sock
+    flower-supernode --isolation process --port 9094 ...        # the SuperNode
+    python -m fedpeft.federation.worker --runtime-api 127.0.0.1:9094
 
-and the SuperNode is told where it is with ``--node-config "partition-id=0 num-partitions=N
-worker='/srv/fedpeft/node0/worker.sock'"``. ``client_app`` below is then a thin ClientApp
-(it imports neither torch nor the model): it hands the message content and the node's state
-to the worker over that Unix socket and returns the worker's reply. The worker keeps the
-model and the tokenised data in memory across rounds (``runtime.cached_runtime``), exactly
-as a simulation worker does. Without ``worker`` in the node config, ``client_app`` trains in
-its own process (slow, but nothing else to run).
+It asks the Runtime API for a ClientApp task every ``--poll`` seconds and runs it *in this
+process*, with the same steps as Flower's ``flwr-clientapp`` (pull the message, context, run and
+FAB; call the FAB's ClientApp; push the reply and the context; heartbeats meanwhile), so the
+model and the tokenised data stay in memory across rounds (``runtime.cached_runtime``), exactly
+as in a simulation worker. Flower's messages, node state, error replies and logs are unchanged;
+only the per-message process is gone. Without a worker (``--isolation subprocess``, Flower's
+default) the same ClientApp runs in Flower's per-message process: slower, nothing extra to run.
 
-The socket is a file (no network port) in a folder only its owner can read; connections must
-also prove they know the key in ``<socket>.key`` (``multiprocessing.connection``'s HMAC
-handshake), since the worker unpickles what it receives.
+The worker survives a restart of its SuperNode (it keeps polling the same address) and can be
+restarted itself at any time: a task it had taken is failed by the SuperNode and the server
+logs that client's failure for the round.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import secrets
-import sys
-from pathlib import Path
-from typing import Any
+from .. import offline
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+offline.apply()
 
-client_app = ClientApp()
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
+from ..errors import FedpeftError  # noqa: E402
+from .client_app import app as client_app  # noqa: E402  (the FAB's ClientApp, see deploy/)
+from .latency import shorten_pulls  # noqa: E402
 
-def _key(socket_path: str) -> bytes:
-    return Path(socket_path + ".key").read_bytes()
-
-
-def call_worker(socket_path: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Send ``request`` to the worker at ``socket_path``; return its answer or raise its error."""
-    from multiprocessing.connection import Client
-
-    with Client(socket_path, family="AF_UNIX", authkey=_key(socket_path)) as conn:
-        conn.send(request)
-        status, *answer = conn.recv()
-    if status == "error":
-        raise RuntimeError(f"worker {socket_path}: {answer[0]}")
-    return tuple(answer)
+__all__ = ["Executor", "client_app", "main"]
 
 
-@client_app.query()
-def whoami(msg: Message, context: Context) -> Message:
-    return _handle("query", msg, context)
+class Executor:
+    """Takes the ClientApp tasks of one SuperNode from its Runtime API and runs them here."""
 
+    def __init__(self, runtime_api: str, root_certificates: str | None = None,
+                 poll: float = 0.05) -> None:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _handle("train", msg, context)
+        self.runtime_api = runtime_api
+        self.insecure = root_certificates is None
+        self.certificates = Path(root_certificates).read_bytes() if root_certificates else None
+        self.poll = poll
+        self._apps: dict[str, Any] = {}  # FAB hash -> its loaded ClientApp
+        self.client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api, insecure=self.insecure,
+            root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker())
 
+    def serve(self) -> None:
+        """Poll for tasks and run them one at a time, until killed."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
 
-def _handle(kind: str, msg: Message, context: Context) -> Message:
-    """Forward to the node's worker if it has one, else run fedpeft's ClientApp right here."""
-    pid = int(context.node_config.get("partition-id", -1))
-    socket_path = str(context.node_config.get("worker", "") or "")
-    if pid < 0:
-        raise RuntimeError("this SuperNode has no partition-id; start it with "
-                           '--node-config "partition-id=<k> num-partitions=<n>"')
-    if not socket_path:  # no warm worker: this process imports torch and builds the model
-        from . import client_app as local
-
-        return local.whoami(msg, context) if kind == "query" else local.train(msg, context)
-    content, state = call_worker(socket_path, (kind, msg.content, pid, context.state))
-    context.state = state  # e.g. the anchor the worker stored; the SuperNode keeps it
-    return Message(content, reply_to=msg)
-
-
-def serve(socket_path: str) -> None:
-    """Answer query and train requests on ``socket_path`` one at a time until killed."""
-    from multiprocessing.connection import Listener
-
-    from .. import offline
-
-    offline.apply()
-    from .client_app import query_content, train_content  # torch, once for the lifetime
-
-    path = Path(socket_path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    key_file = Path(socket_path + ".key")
-    key_file.write_bytes(secrets.token_bytes(32))
-    os.chmod(key_file, 0o600)
-    path.unlink(missing_ok=True)
-    with Listener(socket_path, family="AF_UNIX", authkey=key_file.read_bytes()) as listener:
-        print(f"fedpeft worker: listening on {socket_path}", file=sys.stderr, flush=True)
+        backoff = shorten_pulls()  # the message may reach this node after its task
+        print(f"fedpeft worker: taking ClientApp tasks from {self.runtime_api} "
+              f"(poll {self.poll:g} s, object-pull backoff {backoff or 'Flower'} s)",
+              file=sys.stderr, flush=True)
+        unreachable = False
         while True:
             try:
-                conn = listener.accept()
-            except Exception as err:  # a client without the key: refuse it, keep serving
-                print(f"fedpeft worker: refused a connection: {err}", file=sys.stderr)
+                res = self.client.AcquireTask(AcquireTaskRequest(
+                    supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+            except Exception as err:  # the SuperNode is down or restarting: keep trying
+                if not unreachable:
+                    print(f"fedpeft worker: SuperNode Runtime API {self.runtime_api} not "
+                          f"reachable ({type(err).__name__}); retrying", file=sys.stderr,
+                          flush=True)
+                unreachable = True
+                time.sleep(1.0)
                 continue
-            with conn:
-                try:
-                    kind, content, pid, state = conn.recv()
-                    if kind == "train":
-                        reply = train_content(content, pid, state)
-                    elif kind == "query":
-                        reply = query_content(pid, state)
-                    else:
-                        raise ValueError(f"unknown request {kind!r}")
-                    conn.send(("ok", reply, state))
-                except Exception as err:  # the ClientApp turns it into an error reply
-                    conn.send(("error", f"{type(err).__name__}: {err}"))
+            if unreachable:
+                print(f"fedpeft worker: connected to {self.runtime_api}", file=sys.stderr,
+                      flush=True)
+                unreachable = False
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+            else:
+                time.sleep(self.poll)
 
+    def run_task(self, token: str) -> None:
+        """One task, the steps of Flower's ``flwr-clientapp`` process (``run_clientapp``)."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import (
+            pull_task_input,
+            push_message,
+            push_task_output,
+        )
+
+        retry = make_simple_http_retry_invoker()
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api, insecure=self.insecure,
+            root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=retry)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message = reply = context = None
+        status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        t0 = t1 = t2 = time.perf_counter()
+        try:
+            message, context, run, fab = pull_task_input(client)
+            t1 = time.perf_counter()
+            print(f"fedpeft worker: {message.metadata.message_type} message (round "
+                  f"{message.metadata.group_id or '-'}) received, running the ClientApp",
+                  file=sys.stderr, flush=True)
+            app = self._app(run, fab)
+            reply = app(message=message, context=context)
+            t2 = time.perf_counter()
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # an error reply, as Flower's own process sends
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            print(f"fedpeft worker: ClientApp raised {reason}", file=sys.stderr, flush=True)
+            details = reason
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception as ex:
+                print(f"fedpeft worker: failed to push the reply: {ex}", file=sys.stderr,
+                      flush=True)
+            retry.max_tries = 1
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            kind = message.metadata.message_type if message is not None else "?"
+            print(f"fedpeft worker: {kind} message {status}: pulled {t1 - t0:.2f} s, ClientApp "
+                  f"{t2 - t1:.2f} s, reply pushed {time.perf_counter() - t2:.2f} s",
+                  file=sys.stderr, flush=True)
+
+    def _app(self, run: Any, fab: Any) -> Any:
+        """The FAB's ClientApp, installed and loaded once per FAB (Flower's own loader)."""
+        if fab.hash_str not in self._apps:
+            from flwr.cli.install import install_from_fab
+            from flwr.clientapp.utils import get_load_client_app_fn
+
+            install_from_fab(fab.content, skip_prompt=True)
+            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            self._apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
+        return self._apps[fab.hash_str]
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
-    serve(parser.parse_args(argv).socket)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpeft.federation.worker",
+        description="fedpeft's warm ClientApp executor for a SuperNode started with "
+                    "--isolation process")
+    parser.add_argument("--runtime-api", required=True, metavar="HOST:PORT",
+                        help="the SuperNode's Runtime API (its --host:--port)")
+    parser.add_argument("--root-certificates", default=None, metavar="CA.crt",
+                        help="CA of the Runtime API's certificate, when the SuperNode serves "
+                             "it over TLS (--ssl-certfile); default: plain HTTP (loopback)")
+    parser.add_argument("--poll", type=float, default=0.05,
+                        help="seconds between polls of the Runtime API when idle (default 0.05)")
+    args = parser.parse_args(argv)
+    if not 0.001 <= args.poll <= 60:
+        parser.error(f"--poll {args.poll}: expected seconds between 0.001 and 60")
+    if ":" not in args.runtime_api:
+        parser.error(f"--runtime-api {args.runtime_api!r}: expected HOST:PORT")
+    if args.root_certificates and not os.path.isfile(args.root_certificates):
+        parser.error(f"--root-certificates {args.root_certificates}: no such file")
+    try:
+        Executor(args.runtime_api, args.root_certificates, args.poll).serve()
+    except FedpeftError as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
     main()
+

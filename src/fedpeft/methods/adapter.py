@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import adapter_sites
+from ..models import adapter_sites, out_features
 from .base import Method, freeze_all_but_head
 
 INIT_STD = 0.02  # std of W_down at init (BERT's initializer range)
@@ -74,7 +74,7 @@ def add_adapters(model: nn.Module, sites: list[str], reduction: int, seed: int) 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        dim = linear.out_features
+        dim = out_features(linear)  # nn.Linear or GPT-2's Conv1D
         adapter = BottleneckAdapter(dim, bottleneck_width(dim, reduction), generator)
         setattr(parent, child, Adapted(linear, adapter.to(linear.weight.dtype)))
 

@@ -30,7 +30,8 @@ class Method(ABC):
     paper: str = ""  # reference shown by `fedpeft methods`
     default_lr: float = 1e-3  # measured on SemEval with the bundled model (see README)
 
-    # Default rates that differ by task kind ("classification" | "ner" | "qa"), where measured.
+    # Default rates that differ by task kind ("classification" | "ner" | "qa" | "generation"),
+    # where measured.
     kind_lrs: dict[str, float] = {}
 
     def __init__(self, cfg: RunConfig, peft_task_type: str) -> None:
@@ -106,6 +107,51 @@ class Method(ABC):
         the arguments every fedpeft strategy gets), or None to use ``strategy=``."""
         return None
 
+    # --- the client's side of a per-client payload (heterogeneous ranks, a merged base; the
+    # ClientApp calls ``receive`` instead of ``import_state`` and ``reply`` instead of
+    # ``export_state``). The defaults load what was sent and send back the trainable state.
+    def receive(self, runtime: Any, incoming: Mapping[str, np.ndarray], client: int) -> None:
+        """Client side, before local training: load what the server sent client ``client`` (its
+        partition id) into ``runtime.model`` (pad to the model's rank, merge a base update)."""
+        self.import_state(runtime.model, incoming)
+
+    def reply(self, runtime: Any, client: int) -> dict[str, np.ndarray]:
+        """Client side, after local training: the update client ``client`` sends."""
+        return self.export_state(runtime.model)
+
+    def rank_of(self, client: int) -> int | None:
+        """The LoRA rank client ``client`` trains at when ranks may differ per client (the round
+        log's bytes per rank), else None."""
+        return None
+
+    def budget_rows(self, runtime: Any) -> list[dict[str, Any]] | None:
+        """Rows of ``fedpeft methods`` when what travels differs per client or round (one per
+        rank, the extra tensors sent down); None: ``budget.py`` counts the trainable state."""
+        return None
+
+    @classmethod
+    def check_settings(cls, cfg: RunConfig) -> None:
+        """Raise ``ConfigError`` for settings that make no sense with this method (a strategy,
+        DP mode or aggregation it cannot follow); called by ``RunConfig.validate``."""
+        return None
+
+    # --- tensors a client keeps between rounds (FedSA-LoRA's own B). ``store`` is the node's
+    # ``federation/client_store.ClientStore``, versioned by round; the ClientApp calls
+    # ``load_local`` after ``import_state`` and before local training (and before scoring the
+    # personalised model), ``save_local`` after local training, before replying.
+    keeps_local_state: bool = False
+
+    def load_local(self, runtime: Any, store: Any, client: int, server_round: int) -> int | None:
+        """Client side: load client ``client``'s own tensors into ``runtime.model``, the newest
+        version saved before ``server_round`` (so a replayed or retried round starts from the
+        same ones); return that version, or None when it has none yet (initial values stay)."""
+        return None
+
+    def save_local(self, runtime: Any, store: Any, client: int, server_round: int,
+                   started_from: int | None) -> None:
+        """Client side: save client ``client``'s own tensors as version ``server_round``
+        (``started_from``: the version ``load_local`` returned, kept for a replay)."""
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able server-side method state, saved in checkpoints (e.g. the current stage)."""
         return {}
@@ -122,5 +168,6 @@ def freeze_all_but_head(model: torch.nn.Module) -> None:
 
 
 def task_kind(peft_task_type: str) -> str:
-    """The task family of a PEFT task type: classification, ner or qa."""
-    return {"TOKEN_CLS": "ner", "QUESTION_ANS": "qa"}.get(peft_task_type, "classification")
+    """The task family of a PEFT task type: classification, ner, qa or generation."""
+    return {"TOKEN_CLS": "ner", "QUESTION_ANS": "qa",
+            "CAUSAL_LM": "generation"}.get(peft_task_type, "classification")

@@ -37,7 +37,10 @@ class BitFit(Method):
         freeze_all_but_head(model)
         names = set(bias_parameter_names(model))
         if not names:
-            raise ValueError(f"{type(model).__name__} has no bias parameters to train (fedbf)")
+            kind = getattr(getattr(model, "config", None), "model_type", "?")
+            raise ValueError(f"method=fedbf trains the bias terms, and {type(model).__name__} "
+                             f"(model type {kind!r}) has none (Llama-family decoders such as "
+                             "SmolLM2 have no biases; GPT-2 and Qwen2 do); choose another method")
         for name, param in model.named_parameters():
             if name in names:
                 param.requires_grad_(True)

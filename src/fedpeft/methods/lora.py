@@ -39,7 +39,8 @@ import time
 import torch
 
 from ..config import RunConfig
-from ..models import head_module_names, query_value_modules
+from ..models import (head_module_names, is_linear, query_value_modules, transposed_weight,
+                      weight_matrix)
 from ..tensors import svd_factors  # noqa: F401 (FeDeRA's and SLoRA's factors)
 from .base import Method
 
@@ -62,6 +63,10 @@ class LoRA(Method):
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
+        if getattr(model, "is_loaded_in_4bit", False):  # quantize=4bit: QLoRA's preparation
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = query_value_modules(model, self.cfg.target_modules)
         self._check_rank(model, targets)
         config = LoraConfig(
@@ -72,6 +77,8 @@ class LoRA(Method):
             target_modules=targets,
             modules_to_save=head_module_names(model),  # the head trains and travels
             init_lora_weights=self.init,
+            fan_in_fan_out=any(transposed_weight(m) for n, m in model.named_modules()
+                               if n.rsplit(".", 1)[-1] in targets),  # GPT-2's Conv1D
             use_dora=self.cfg.lora_dora,
             use_rslora=self.cfg.lora_rslora,
         )
@@ -81,7 +88,7 @@ class LoRA(Method):
 
     def _check_rank(self, model: torch.nn.Module, targets: list[str]) -> None:
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+            if name.rsplit(".", 1)[-1] in targets and is_linear(module):
                 if self.cfg.lora_rank > min(module.weight.shape):
                     raise ValueError(f"lora-rank={self.cfg.lora_rank} exceeds the smallest "
                                      f"dimension of {name} {tuple(module.weight.shape)}")
@@ -102,7 +109,7 @@ class FeDeRA(LoRA):
         anchor = {}
         started = time.perf_counter()
         for name, layer in lora_layers(model).items():
-            weight = layer.get_base_layer().weight
+            weight = weight_matrix(layer.get_base_layer())  # (d_out, d_in), Conv1D too
             a, b = svd_factors(weight, self.cfg.lora_rank, layer.scaling["default"])
             anchor[f"{name}.lora_A.default.weight"] = a
             anchor[f"{name}.lora_B.default.weight"] = b
@@ -124,7 +131,8 @@ class FeDeRA(LoRA):
                 a = anchor[f"{name}.lora_A.default.weight"]
                 b = anchor[f"{name}.lora_B.default.weight"]
                 base = layer.get_base_layer()
-                base.weight.copy_(residual(base.weight, a, b, layer.scaling["default"]))
+                matrix = weight_matrix(base)  # a view: GPT-2's Conv1D stores W transposed
+                matrix.copy_(residual(matrix, a, b, layer.scaling["default"]))
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)
                 reset_magnitude(layer)  # DoRA: m from the new W, A, B (no-op without DoRA)

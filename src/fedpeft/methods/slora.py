@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import RunConfig
-from ..models import head_module_names, query_value_modules
+from ..models import head_module_names, is_linear, query_value_modules, transposed_weight
 from .base import freeze_all_but_head
 from .lora import LoRA, lora_layers, reset_magnitude, svd_factors
 
@@ -72,7 +72,7 @@ class SparseDelta(nn.Module):
 def sparse_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Linear layers carrying a ``SparseDelta`` on their weight, by module name."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight")
+            if is_linear(m) and parametrize.is_parametrized(m, "weight")
             and isinstance(m.parametrizations.weight[0], SparseDelta)}
 
 
@@ -115,7 +115,7 @@ class SLoRA(LoRA):
         self._check_rank(model, targets)  # stage 2 will need it: fail before training
         freeze_all_but_head(model)
         layers = [m for n, m in model.named_modules()
-                  if n.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)]
+                  if n.rsplit(".", 1)[-1] in targets and is_linear(m)]
         masks = target_masks([m.weight.numel() for m in layers], self.cfg.slora_density,
                              self.mask_seed)
         for layer, mask in zip(layers, masks, strict=True):
@@ -153,6 +153,8 @@ class SLoRA(LoRA):
         with torch.no_grad():
             for name, layer in lora_layers(inner).items():
                 dw = updates[name]
+                if transposed_weight(layer.get_base_layer()):  # Conv1D: dW is (d_in, d_out)
+                    dw = dw.T
                 a, b = svd_factors(dw, self.cfg.lora_rank, layer.scaling["default"])
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)

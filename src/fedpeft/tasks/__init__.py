@@ -1,10 +1,12 @@
-"""Tasks by name. Each task class lives in the file of its kind (classification, ner, qa)."""
+"""Tasks by name. Each task class lives in the file of its kind (classification, ner, qa,
+generation)."""
 
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
 from .base import DataError, Features, Task
 from .classification import Newsgroups, SemEval, TextFiles
+from .generation import InstructFiles, SquadGen
 from .ner import ConllFiles, Ploner, Wnut17
 from .qa import MultiSourceQA, Squad, SquadFiles
 
@@ -18,6 +20,8 @@ TASKS: dict[str, type[Task]] = {
     "squad": Squad,
     "mrqa": MultiSourceQA,
     "squad-files": SquadFiles,
+    "squad-gen": SquadGen,
+    "instruct-files": InstructFiles,
 }
 
 

@@ -73,6 +73,7 @@ class Task(ABC):
     default_max_length: int = 128
     peft_task_type: str = ""  # PEFT TaskType name, so the head is trained and exchanged
     label_pad_id: int = -100
+    group_by_length: bool = False  # local training batches rows of similar length (decoders)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -157,6 +158,10 @@ class Task(ABC):
         return None
 
     length_limit: int | None = None  # the model's longest input, set once the model is known
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called with the built model before features are collated (generative tasks ask it
+        which forward arguments it takes); nothing by default."""
 
     @property
     def max_length(self) -> int:

@@ -51,8 +51,9 @@ def make_strategy(cfg: RunConfig, client_lr: float, method: Any = None) -> flowe
     else Flower's class for ``cfg.strategy`` (or fedpeft's exact LoRA mean), wrapped in Flower's
     DP wrapper for ``cfg.dp``."""
     dp = cfg.dp != "none"
-    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
-              "min_evaluate_nodes": 0, "min_available_nodes": 1,
+    local = cfg.local_test_fraction > 0  # federated evaluation on the clients' local splits
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0 if local else 0.0,
+              "min_train_nodes": 1, "min_evaluate_nodes": int(local), "min_available_nodes": 1,
               # DP's noise is calibrated to an unweighted mean of clipped updates
               "weighted_by_key": UNIFORM_WEIGHT if dp else "num-examples"}
     own = method.make_strategy(cfg, common) if method is not None else None

@@ -6,11 +6,16 @@ clients' adapters add to W (their products), weighted as FedAvg weighs, and give
 the best rank-r factors of that mean (the homogeneous case of FlexLoRA, Bai et al., 2024;
 ``aggregation.exact_lora_mean``). Every other tensor (the head, biases) is FedAvg'd as usual.
 Only ``aggregate_train`` differs from Flower's FedAvg.
+
+With ``client_scaling`` (``method=flexlora`` with ``client-ranks``) the clients' factors have
+their own ranks r_k and scales s_k = alpha / r_k, read from each reply's ``partition-id``: the
+mean is sum_k w_k s_k B_k A_k, factored at the global rank (FlexLoRA's full-size aggregation;
+``methods/flexlora.py`` sends each client its rank-r_k truncation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -23,9 +28,11 @@ from ..aggregation import exact_lora_mean
 class ExactLoRA(FedAvg):
     """FedAvg whose LoRA factors are aggregated exactly (see the module docstring)."""
 
-    def __init__(self, *, scaling: float, rank: int, **kwargs: Any) -> None:
+    def __init__(self, *, scaling: float, rank: int,
+                 client_scaling: Callable[[int], float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.scaling, self.rank = scaling, rank
+        self.client_scaling = client_scaling  # partition id -> that client's LoRA scale
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -35,7 +42,9 @@ class ExactLoRA(FedAvg):
         states = [{k: np.asarray(v.numpy()) for k, v in m.content["arrays"].items()}
                   for m in valid]
         weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
-        state, errors = exact_lora_mean(states, weights, self.scaling, self.rank)
+        scalings = None if self.client_scaling is None else \
+            [self.client_scaling(int(m.content["metrics"]["partition-id"])) for m in valid]
+        state, errors = exact_lora_mean(states, weights, self.scaling, self.rank, scalings)
         error = float(np.mean(list(errors.values()))) if errors else 0.0
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in states[0]})
         return arrays, MetricRecord({"lora-truncation-error": error})

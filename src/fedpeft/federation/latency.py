@@ -1,0 +1,101 @@
+"""Flower 1.42's fixed waits in a deployment, and the shorter ones fedpeft's processes use.
+
+Measured on loopback (docs/deployment.md, BENCHMARKS.md section 7), a deployed round of a model
+that trains in 0.3 s took 9-13 s, almost all of it in waits that are constants in Flower:
+
+| where (flwr 1.42) | wait | per round |
+|---|---|---|
+| SuperNode loop, a pull from the SuperLink that found no message (``supernode/start_client_internal.py``) | ``time.sleep(3)`` | up to 3 s before a node sees its train message |
+| SuperNode loop, waiting for the ClientApp's reply | ``time.sleep(0.5)`` | up to 0.5 s |
+| pulling a message's objects that are not stored yet (``supercore/inflatable/inflatable_utils.py``: ``PULL_INITIAL_BACKOFF`` 1 s, doubling, cap 10 s) | 1, 2, 4 ... s | 1-7 s: the ClientApp asks for the message before its node has it, the ServerApp for a reply before all its objects arrived |
+| SuperExec, looking for tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, the one that is a setting) | 1 s | once per message without a worker |
+| ``Grid.send_and_receive`` between polls | 3 s | fedpeft does not use it (``exchange.py``, 0.05 s) |
+
+``shorten_pulls`` (the ServerApp, the worker, the SuperNode) starts the object-pull backoff at
+``FEDPEFT_PULL_BACKOFF`` s (default 0.05) and caps it at 1 s, with ten times the tries, so a slow
+object is waited for as long as before; ``shorten_supernode_poll`` (``python -m
+fedpeft.federation.supernode``) caps the SuperNode's two idle sleeps at ``FEDPEFT_SUPERNODE_POLL``
+s (default 0.2). Each applies to the process that calls it, only on flwr 1.42.0 (the release
+whose constants these are); on another version it leaves Flower as it is and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from types import ModuleType
+
+from ..errors import FedpeftError
+
+FLOWER_VERSION = "1.42.0"
+POLL_ENV, DEFAULT_POLL = "FEDPEFT_SUPERNODE_POLL", 0.2
+BACKOFF_ENV, DEFAULT_BACKOFF = "FEDPEFT_PULL_BACKOFF", 0.05
+FLOWER_IDLE_SLEEPS = (3, 0.5)  # the literal waits of flwr 1.42's SuperNode loop
+BACKOFF_CAP = 1.0
+
+
+def seconds_setting(name: str, default: float, low: float, high: float,
+                    environ: dict[str, str] | None = None) -> float:
+    """Environment variable ``name`` in seconds within [low, high], or a one-line error."""
+    raw = (environ if environ is not None else os.environ).get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not low <= value <= high:
+        raise FedpeftError(f"{name}={raw!r}: expected seconds between {low:g} and {high:g}")
+    return value
+
+
+def _flower_matches(what: str) -> bool:
+    import flwr
+
+    if flwr.__version__ == FLOWER_VERSION:
+        return True
+    print(f"fedpeft: flwr {flwr.__version__} is not {FLOWER_VERSION}; {what} keeps Flower's own "
+          "waits", file=sys.stderr)
+    return False
+
+
+class PollClock(ModuleType):
+    """The ``time`` module as the SuperNode's loop sees it, with its idle sleeps capped."""
+
+    def __init__(self, poll: float) -> None:
+        super().__init__("time")
+        self.poll = poll
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.poll) if seconds in FLOWER_IDLE_SLEEPS else seconds)
+
+
+def shorten_supernode_poll(poll: float | None = None) -> float | None:
+    """Cap the SuperNode loop's idle sleeps (this process); returns the poll applied."""
+    poll = seconds_setting(POLL_ENV, DEFAULT_POLL, 0.01, 3) if poll is None else poll
+    if not _flower_matches(POLL_ENV):
+        return None
+    from flwr.supernode import start_client_internal as loop
+
+    loop.time = PollClock(poll)  # type: ignore[assignment]
+    return poll
+
+
+def shorten_pulls(backoff: float | None = None) -> float | None:
+    """Start the object-pull backoff of this process at ``backoff`` s (cap 1 s)."""
+    backoff = seconds_setting(BACKOFF_ENV, DEFAULT_BACKOFF, 0.001, 1.0) \
+        if backoff is None else backoff
+    if not _flower_matches(BACKOFF_ENV):
+        return None
+    from flwr.supercore.inflatable import inflatable_utils as objects
+
+    for function in (objects.pull_objects, objects.pull_and_inflate_object_from_tree):
+        defaults = function.__kwdefaults__
+        defaults["initial_backoff"] = backoff
+        defaults["backoff_cap"] = 10.0 if backoff >= 1 else BACKOFF_CAP  # 1: Flower's own
+        defaults["max_tries_per_object"] = 5000  # ten times Flower's 500
+    return backoff
