@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies | decoders
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
@@ -97,8 +97,17 @@ case "${1:-}" in
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
     ;;
+  decoders)  # issue 21: FedLR vs FeDeRA on generative SQuAD with the bundled SmolLM2-135M,
+    # 20 clients, 5 per round, Dir(0.1) over the question clusters; DECODER_ROUNDS as the
+    # time allows (docs/tasks.md gives the measured seconds per round). Then
+    # `fedpeft report runs/exp/squad-gen/*` for EM/F1 vs round.
+    compare squad-gen task=squad-gen model=smollm2-135m num-clients=20 clients-per-round=5 \
+      alpha=0.1 "rounds=${DECODER_ROUNDS:-12}" eval-every=2 max-train-samples=2000 \
+      gen-eval-samples=100 max-new-tokens=24 batch-size=8 eval-batch-size=16 precision=bf16 \
+      progress=false "threads=$THREADS" --root runs/exp/squad-gen --methods "${2:-fedlr,federa}"
+    ;;
   *)
-    echo "usage: $0 main|grid|later|squad|strategies [METHODS]" >&2
+    echo "usage: $0 main|grid|later|squad|strategies|decoders [METHODS]" >&2
     exit 2
     ;;
 esac

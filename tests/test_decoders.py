@@ -174,7 +174,7 @@ def test_one_federated_round(tiny_decoders, tmp_path, flower_identity, method, a
         still = [k for k in start if k not in moved]
         # FedBF: a key bias gets no gradient (softmax ignores it)
         assert all(k.endswith("k_proj.bias") for k in still), still[:3]
-    assert summary["frozen-digest-start"] == summary["frozen-digest-end"]
+        assert summary["frozen-digest-start"] == summary["frozen-digest-end"]
 
 
 # --- QLoRA and the bundled decoder ---------------------------------------------------------------

@@ -183,9 +183,10 @@ def refresh_nodes(grid: Grid, nodes: Nodes, timeout: float | None) -> list[str]:
             elif pid in nodes.by_partition:  # two live nodes for one partition: keep the first
                 changes.append(f"node {node} also claims partition {pid}; ignored")
                 continue
+            else:
+                changes.append(f"partition {pid}: node {node} joined"
+                               + (" (its own data)" if own else ""))
             nodes.by_partition[pid] = node
             nodes.anchors[pid] = anchor
             nodes.learn(pid, own)
-            changes.append(f"partition {pid}: node {node} joined"
-                           + (" (its own data)" if own else ""))
     return changes
