@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies | decoders
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies | family | decoders
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
@@ -93,6 +93,24 @@ case "${1:-}" in
       --root runs/exp/strategies/fedadam --methods fedlr,federa
     compare strategies "${STRAT[@]}" rounds=20 dp=client-fixed dp-noise-multiplier=0.3 \
       dp-clipping-norm=1.0 --root runs/exp/strategies/dp --methods federa
+    ;;
+  family)  # issue 19: the federated-LoRA family beside FedLR, FFA-LoRA, FeDeRA and SLoRA on
+    # SemEval, 100 clients, 10 per round, 100 rounds, 20% of every client's shard held out for
+    # personalised evaluation (every 10 rounds, all clients). Rates: each method on the grid
+    # {2e-3, 5e-3, 1e-2}, chosen on the validation split. Dir(0.1) first, then Dir(1); then the
+    # heterogeneous-rank comparison (ranks 4-32 by the seeded rule).
+    FAMILY=("${SEMEVAL[@]}" valid-fraction=0.1 local-test-fraction=0.2 rounds=100)
+    GRID=2e-3,5e-3,1e-2
+    METHODS=fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora
+    grids=()
+    for m in ${METHODS//,/ }; do grids+=(--lr-grid "$m=$GRID"); done
+    for alpha in 0.1 1; do
+      compare family "${FAMILY[@]}" "alpha=$alpha" --root "runs/exp/family/a$alpha" \
+        --methods "$METHODS" "${grids[@]}"
+    done
+    compare family-ranks "${FAMILY[@]}" alpha=0.1 method=flora client-ranks=4,8,16,32 \
+      --root runs/exp/family/ranks-a0.1 --methods flora,flexlora,hetlora \
+      --lr-grid flora=$GRID --lr-grid flexlora=$GRID --lr-grid hetlora=$GRID
     ;;
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
