@@ -131,8 +131,9 @@ def run_mode(mode: str, clients: int, settings: list[str], work: Path, timeout: 
 
 def split(mode: str, run: Path, bandwidth: float) -> dict:
     """Mean seconds per round (rounds 2..) and their split, from a run's rounds.jsonl."""
-    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()
-              if line.strip()] if (run / "rounds.jsonl").exists() else []
+    path = run if run.suffix == ".jsonl" else run / "rounds.jsonl"
+    rounds = [json.loads(line) for line in path.read_text().splitlines()
+              if line.strip()] if path.exists() else []
     steady = [r for r in rounds if r["round"] >= 2 and r["successes"]]
     if not steady:
         return {"mode": mode, "error": f"no finished round >= 2 in {run}"}
@@ -151,6 +152,9 @@ def split(mode: str, run: Path, bandwidth: float) -> dict:
     total = [r["seconds"] for r in steady]
     compute = [c + a + e for c, a, e in zip(clients, agg, ev, strict=True)]
     ratios = [t / (c + x) for t, c, x in zip(total, compute, transfer, strict=True)]
+    # the training phase alone: send, train, reply (evaluation and aggregation left out)
+    train_ratios = [(t - a - e) / (c + x) for t, a, e, c, x
+                    in zip(total, agg, ev, clients, transfer, strict=True)]
     return {
         "mode": mode, "rounds": [r["round"] for r in steady],
         "round-1-seconds": rounds[0]["seconds"],
@@ -160,14 +164,16 @@ def split(mode: str, run: Path, bandwidth: float) -> dict:
         "compute": mean(compute),
         "overhead": mean(total) - mean(compute) - mean(transfer),
         "ratio": mean(ratios), "ratio-max": max(ratios),
+        "ratio-train-phase": mean(train_ratios),
         "bytes-per-round": mean([r["bytes-down"] + r["bytes-up"] for r in steady]),
     }
 
 
 def table(rows: list[dict]) -> str:
     head = ("| mode | s / round (min-max) | round 1 | local training | client handlers "
-            "(compute) | aggregate + eval | transfer | overhead | round / (compute + transfer) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "(compute) | aggregate + eval | transfer | overhead | round / (compute + transfer) "
+            "| training phase / (handlers + transfer) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['error']} |||||||")
@@ -177,7 +183,7 @@ def table(rows: list[dict]) -> str:
             f" | {r['round-1-seconds']:.1f} | {r['local-training']:.2f} | "
             f"{r['client-handlers']:.2f} | {r['aggregate'] + r['eval']:.2f} | "
             f"{r['transfer'] * 1000:.1f} ms | {r['overhead']:.2f} | {r['ratio']:.2f} "
-            f"(max {r['ratio-max']:.2f}) |")
+            f"(max {r['ratio-max']:.2f}) | {r['ratio-train-phase']:.2f} |")
     return "\n".join(lines)
 
 
@@ -222,5 +228,18 @@ def main() -> None:
                     (out / f"{mode}-{name}").write_text(src.read_text())
 
 
+
+
+def retable(folder: str) -> None:
+    """Rebuild the table of a saved result (``python benchmarks/deployment.py --retable DIR``)."""
+    data = json.loads((Path(folder) / "deployment.json").read_text())
+    bandwidth = data["loopback-bytes-per-second"]
+    rows = [split(m, Path(folder) / f"{m}-rounds.jsonl", bandwidth) for m in data["modes"]]
+    print(table(rows))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--retable"]:
+        retable(sys.argv[2])
+    else:
+        main()

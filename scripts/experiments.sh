@@ -116,16 +116,22 @@ case "${1:-}" in
     squad "${2:-fedlr,federa}"
     ;;
   decoders)  # issue 21: FedLR vs FeDeRA on generative SQuAD with the bundled SmolLM2-135M,
-    # 20 clients, 5 per round, Dir(0.1) over the question clusters; DECODER_ROUNDS as the
-    # time allows (docs/tasks.md gives the measured seconds per round). Then
+    # 20 clients (20 questions each), 5 per round, Dir(0.1) over the question clusters, EM/F1 on
+    # 50 seeded test questions every 2 rounds. Measured here (2 busy cores): ~256 s of training
+    # per round (100 questions) + ~55 s per evaluation, so 12 rounds of one method take ~57
+    # minutes: both methods in ~2 hours. DECODER_ROUNDS=n for more. Both at one rate (lr 1e-3,
+    # DECODER_LR; not tuned on decoders). As two 1-thread lanes, one per method:
+    #   THREADS=1 bash scripts/experiments.sh decoders fedlr & ... decoders federa &
+    # Then
     # `fedpeft report runs/exp/squad-gen/*` for EM/F1 vs round.
     compare squad-gen task=squad-gen model=smollm2-135m num-clients=20 clients-per-round=5 \
-      alpha=0.1 "rounds=${DECODER_ROUNDS:-12}" eval-every=2 max-train-samples=2000 \
-      gen-eval-samples=100 max-new-tokens=24 batch-size=8 eval-batch-size=16 precision=bf16 \
-      progress=false "threads=$THREADS" --root runs/exp/squad-gen --methods "${2:-fedlr,federa}"
+      alpha=0.1 "rounds=${DECODER_ROUNDS:-12}" eval-every=2 max-train-samples=400 \
+      gen-eval-samples=50 max-new-tokens=24 batch-size=8 eval-batch-size=16 precision=bf16 \
+      progress=false "threads=$THREADS" "lr=${DECODER_LR:-1e-3}" --root runs/exp/squad-gen \
+      --methods "${2:-fedlr,federa}"
     ;;
   *)
-    echo "usage: $0 main|grid|later|squad|strategies|decoders [METHODS]" >&2
+    echo "usage: $0 main|grid|later|squad|strategies|family|decoders [METHODS]" >&2
     exit 2
     ;;
 esac

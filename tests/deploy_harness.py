@@ -136,17 +136,7 @@ class Deployment:
             proc.wait(timeout=30)
 
     def serverapp_pids(self) -> list[int]:
-        """The ``flwr-serverapp`` processes the SuperLink started."""
-        pgid = self.groups["superlink"].pid
-        found = []
-        for pid in alive_in_groups({pgid}):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"flwr-serverapp" in cmd:
-                found.append(pid)
-        return found
+        return serverapps(self.port)
 
     def stop(self) -> list[int]:
         """SIGKILL every process group this deployment started; the pids still alive after."""
@@ -157,10 +147,14 @@ class Deployment:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
         self.groups.clear()
+        for pid in self.serverapp_pids():  # in case one left its group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while alive_in_groups(self.all_groups) and time.monotonic() < deadline:
+        while ((alive_in_groups(self.all_groups) or self.serverapp_pids())
+               and time.monotonic() < deadline):
             time.sleep(0.2)
-        left = alive_in_groups(self.all_groups)
+        left = alive_in_groups(self.all_groups) + self.serverapp_pids()
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -169,6 +163,22 @@ class Deployment:
     def log(self, name: str) -> str:
         path = self.work / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def serverapps(port: int) -> list[int]:
+    """The live ``flwr-serverapp`` processes of the SuperLink on ``port`` (found by their command
+    line: their Runtime API address is the SuperLink's port)."""
+    found = []
+    needle = f"127.0.0.1:{port}".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ")
+            stat = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"flwr-serverapp" in cmd and needle in cmd and stat[0] != "Z":
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def rounds_of(run: Path) -> list[dict]:

@@ -78,7 +78,7 @@ def test_supernode_killed_mid_round_rejoins_and_nodes_join_late_or_leave(tiny_mo
         assert [f["client"] for f in fourth["failures"]] == [2], fourth
         assert fourth["successes"] == 2
         reason = fourth["failures"][0]["reason"]
-        assert "Node Unavailable" in reason or "no live node" in reason, reason
+        assert any(w in reason for w in ("Node Unavailable", "no live node", "node left")), reason
         summary = json.loads((out / "summary.json").read_text())
         assert summary["failures"] == sum(len(r["failures"]) for r in rounds) >= 3
     finally:
@@ -105,8 +105,10 @@ def test_serverapp_and_superlink_killed_resume_to_the_same_result(tiny_models, t
         d.run(_settings(model, a, *common))
         wait_for("run A", lambda: _finished(a), 180, d)
 
+        before = set(d.serverapp_pids())  # run A's may still be exiting
         d.run(_settings(model, b, *common))
-        pids = wait_for("B's ServerApp process", d.serverapp_pids, 60, d)
+        pids = wait_for("B's ServerApp process",
+                        lambda: set(d.serverapp_pids()) - before, 60, d, poll=0.05)
         wait_for("run B's round 1", lambda: len(rounds_of(b)) >= 1, 120, d, poll=0.02)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -125,7 +127,10 @@ def test_serverapp_and_superlink_killed_resume_to_the_same_result(tiny_models, t
         assert [r["train-loss"] for r in ra] == [r["train-loss"] for r in rb]
         assert [r["metrics"] for r in ra] == [r["metrics"] for r in rb]
         sa, sb = (json.loads((x / "summary.json").read_text()) for x in (a, b))
-        assert sa["final"] == sb["final"] and sb["resumed-from-round"] == 2
+        assert sa["final"] == sb["final"]
+        # the last session continued from the checkpoint of round 2, or of round 1 when the
+        # SuperLink died between round 2's log line and its checkpoint (round 2 is then redone)
+        assert sb["resumed-from-round"] in (1, 2)
         fa, fb = (load_state(x / "final_state.safetensors") for x in (a, b))
         assert fa.keys() == fb.keys()
         assert all(np.array_equal(fa[k], fb[k]) for k in fa)

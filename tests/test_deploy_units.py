@@ -277,3 +277,16 @@ def test_a_restarted_node_replaces_the_one_that_failed(tiny_models, tmp_path,
     assert [f["kind"] for f in first["failures"]] == ["timeout"]
     assert any("partition 1: node 201 replaces node 101" in n for n in second["nodes"])
     assert second["successes"] == 2 and not second["failures"]
+
+
+def test_size_weighted_sampling_is_refused_with_nodes_that_bring_their_own_data(
+        tiny_models, tmp_path, text_files, flower_identity):  # noqa: F811
+    from fedpeft.config import ConfigError
+
+    cfg = tiny_config(tiny_models("bert"), str(tmp_path / "run"), "task=text-files",
+                      f"train-file={text_files['train']}", f"test-file={text_files['test']}",
+                      "num-clients=2", "clients-per-round=1", "client-sampling=size")
+    grid = InProcessGrid(2)
+    grid.contexts[101].node_config["train-file"] = text_files["node"]
+    with pytest.raises(ConfigError, match=r"partitions \[1\] train on their own files"):
+        run_inprocess(cfg, grid)

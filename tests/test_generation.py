@@ -18,8 +18,7 @@ from fedpeft.cli import main
 from fedpeft.config import ConfigError, load_config
 from fedpeft.federation.runtime import Runtime
 from fedpeft.tasks import DataError, make_task
-from fedpeft.tasks.generation import (PLAIN_PROMPT, clean_generation, read_instructions,
-                                      rouge_l)
+from fedpeft.tasks.generation import PLAIN_PROMPT, clean_generation, read_instructions, rouge_l
 from fedpeft.tasks.qa import CLUSTERS, question_clusters
 from fedpeft.training import length_grouped, local_train
 
@@ -147,7 +146,7 @@ def test_squad_gen_reuses_squads_questions_and_clusters():
         [q["question"] for q in squad.examples("train")], CLUSTERS, 0)
 
 
-def test_eval_subset_is_seeded_and_sized(tiny_decoders):
+def test_eval_subset_is_seeded_and_sized():
     task = generation_task(gen_eval_samples=5)
     features = task.featurize(task.examples("test"), decoder_tokenizer(), "test")
     subset = task.eval_subset(features)

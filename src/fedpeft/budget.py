@@ -95,7 +95,7 @@ def unavailable_budget(cfg: RunConfig) -> list[dict[str, Any]]:
     except FedpeftError:
         raise
     except ValueError as err:
-        return [{"method": variant_label(cfg), "unavailable": str(err).split(";")[0]}]
+        return [{"method": variant_label(cfg), "unavailable": str(err).split("; choose")[0]}]
 
 
 def budget_table(cfg: RunConfig, methods: list[str]) -> str:

@@ -15,11 +15,17 @@ The run is configured through Flower's run config (``[tool.flwr.app.config]`` of
 | ``settings`` | fedpeft ``key=value`` overrides, space separated, as on ``fedpeft run`` |
 | ``resume`` | continue the run folder from its checkpoint (``fedpeft run --resume``) |
 | ``overwrite`` | replace an existing run folder |
+| ``join-timeout`` | seconds to wait for every partition's node before round 1 (default 60) |
+
+After ``join-timeout`` the run starts with the nodes present (at least ``min-train-clients``);
+the others join when they connect.
 
 Paths are read on the SuperLink's machine by the ServerApp process, whose working directory is
 not the user's: give ``out`` (and ``config``) as absolute paths. Each SuperNode is started with
 ``--node-config "partition-id=K num-partitions=N"`` and computes its shard itself (the
-partition is a pure function of the data, N, alpha and the seed), so no data moves.
+partition is a pure function of the data, N, alpha and the seed), so no data moves; or it names
+its own files (``train-file=``, ``data-dir=``; ``nodedata.py``). The ServerApp shortens Flower's
+object-pull backoff and sends each state as one packed array (``latency.py``, ``state.py``).
 See docs/deployment.md and scripts/deploy_local.sh.
 """
 

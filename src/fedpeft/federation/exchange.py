@@ -41,6 +41,7 @@ class Nodes:
     # claiming one replaces it (a SuperNode restarted after a crash gets a new node id while the
     # old one may count as connected until its heartbeats expire)
     failed: set[int] = field(default_factory=set)
+    retired: set[int] = field(default_factory=set)  # replaced node ids: not asked again
     notes: list[str] = field(default_factory=list)  # for the next round's log line
 
     def node(self, partition_id: int) -> int | None:
@@ -60,8 +61,15 @@ class Nodes:
             self.own_data.pop(partition_id, None)
 
 
+class Unanswered(list):
+    """Indices of messages without a reply; ``unsent``: those the SuperLink did not even accept
+    (its destination node has left)."""
+
+    unsent: set[int]
+
+
 def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None,
-             poll: float = 0.05) -> tuple[dict[int, Message], list[int]]:
+             poll: float = 0.05) -> tuple[dict[int, Message], Unanswered]:
     """Send ``messages``; return ``({index: reply}, [indices never answered or not sent])``.
 
     ``timeout`` None or <= 0 waits for every reply. Replies are matched to messages by id.
@@ -83,7 +91,8 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None,
         if not waiting or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll)
-    unanswered = [i for i in range(len(messages)) if i not in replies]
+    unanswered = Unanswered(i for i in range(len(messages)) if i not in replies)
+    unanswered.unsent = set(range(len(messages))) - set(index_of.values())
     return replies, unanswered
 
 
@@ -149,6 +158,8 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float | None = None,
         nodes.by_partition[pid] = node
         nodes.anchors[pid] = anchor
         nodes.learn(pid, own)
+        if own:
+            nodes.notes.append(f"partition {pid}: node {node} trains on its own data")
     missing = sorted(set(range(num_clients)) - nodes.by_partition.keys())
     if missing and (not partial or len(nodes.by_partition) < min_nodes):
         raise FederationError(f"no node holds partition ids {missing[:10]} "
@@ -171,7 +182,7 @@ def refresh_nodes(grid: Grid, nodes: Nodes, timeout: float | None) -> list[str]:
             del nodes.by_partition[pid]
             nodes.anchors.pop(pid, None)
             changes.append(f"partition {pid}: node {node} left")
-    new = live - set(nodes.by_partition.values())
+    new = live - set(nodes.by_partition.values()) - nodes.retired
     if new:
         found, problems = query_partitions(grid, sorted(new), timeout)
         changes += problems
@@ -179,6 +190,7 @@ def refresh_nodes(grid: Grid, nodes: Nodes, timeout: float | None) -> list[str]:
             if pid in nodes.by_partition and pid in nodes.failed:  # e.g. a restarted node
                 changes.append(f"partition {pid}: node {node} replaces node "
                                f"{nodes.by_partition[pid]}, which failed its last message")
+                nodes.retired.add(nodes.by_partition[pid])
                 nodes.failed.discard(pid)
             elif pid in nodes.by_partition:  # two live nodes for one partition: keep the first
                 changes.append(f"node {node} also claims partition {pid}; ignored")

@@ -3,13 +3,16 @@
 Measured on loopback (docs/deployment.md, BENCHMARKS.md section 7), a deployed round of a model
 that trains in 0.3 s took 9-13 s, almost all of it in waits that are constants in Flower:
 
-| where (flwr 1.42) | wait | per round |
-|---|---|---|
-| SuperNode loop, a pull from the SuperLink that found no message (``supernode/start_client_internal.py``) | ``time.sleep(3)`` | up to 3 s before a node sees its train message |
-| SuperNode loop, waiting for the ClientApp's reply | ``time.sleep(0.5)`` | up to 0.5 s |
-| pulling a message's objects that are not stored yet (``supercore/inflatable/inflatable_utils.py``: ``PULL_INITIAL_BACKOFF`` 1 s, doubling, cap 10 s) | 1, 2, 4 ... s | 1-7 s: the ClientApp asks for the message before its node has it, the ServerApp for a reply before all its objects arrived |
-| SuperExec, looking for tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, the one that is a setting) | 1 s | once per message without a worker |
-| ``Grid.send_and_receive`` between polls | 3 s | fedpeft does not use it (``exchange.py``, 0.05 s) |
+- the SuperNode loop sleeps 3 s after a pull from the SuperLink that found no message
+  (``supernode/start_client_internal.py``): up to 3 s before a node sees its train message;
+- the same loop waits 0.5 s between checks for the ClientApp's reply;
+- pulling a message's objects that are not stored yet backs off 1, 2, 4 ... s (cap 10 s;
+  ``supercore/inflatable/inflatable_utils.py``, ``PULL_INITIAL_BACKOFF``): 1-7 s when a
+  ClientApp asks for its message before its node has it, or the ServerApp for a reply before
+  all its objects arrived;
+- the SuperExec looks for tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` s (1 s; the one
+  that is a setting): once per message without a worker;
+- ``Grid.send_and_receive`` polls every 3 s: fedpeft does not use it (``exchange.py``, 0.05 s).
 
 ``shorten_pulls`` (the ServerApp, the worker, the SuperNode) starts the object-pull backoff at
 ``FEDPEFT_PULL_BACKOFF`` s (default 0.05) and caps it at 1 s, with ten times the tries, so a slow

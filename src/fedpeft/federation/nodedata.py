@@ -1,13 +1,16 @@
 """What a deployed SuperNode says about itself in ``--node-config``: its slot, threads, own data.
 
-| key | meaning |
-|---|---|
-| ``partition-id`` | the slot 0..num-clients-1 the server samples (required) |
-| ``num-partitions`` | informational (the run's ``num-clients`` decides the split) |
-| ``threads`` | torch threads for this node's local training (default: the run's ``threads``, else every core); give cores / nodes when several SuperNodes share a machine |
-| ``train-file`` | this node's own training file (an absolute path on the node's machine), for the ``*-files`` tasks, in the task's format (CSV/TSV/JSONL, CoNLL, SQuAD JSON) |
-| ``data-dir`` | this node's own copy of a built-in dataset's folder layout (``semeval2010_task8/TRAIN_FILE.TXT``, ...), for the built-in tasks |
-| ``state-dir`` | where this node keeps the tensors of methods whose clients keep state between rounds (fedsa-lora's B; ``client_store.py``), an absolute path; default: the run folder's ``clients/`` as the server names it (right in simulation and on the server's machine) |
+- ``partition-id``: the slot 0..num-clients-1 the server samples (required);
+- ``num-partitions``: informational (the run's ``num-clients`` decides the split);
+- ``threads``: torch threads for this node's local training (default: the run's ``threads``,
+  else every core); give cores / nodes when several SuperNodes share a machine;
+- ``train-file``: this node's own training file (an absolute path on the node's machine), for
+  the ``*-files`` tasks, in the task's format (CSV/TSV/JSONL, CoNLL, SQuAD JSON);
+- ``data-dir``: this node's own copy of a built-in dataset's folder layout
+  (``semeval2010_task8/TRAIN_FILE.TXT``, ...), for the built-in tasks;
+- ``state-dir``: where this node keeps the tensors of methods whose clients keep state between
+  rounds (fedsa-lora's B; ``client_store.py``), an absolute path; default: the run folder's
+  ``clients/`` as the server names it (right in simulation and on the server's machine).
 
 With ``train-file`` or ``data-dir`` the node trains on *every* example of its own training split
 (after the run's ``valid-fraction`` and ``max-train-samples``, as on the server) instead of on
@@ -118,5 +121,6 @@ def check_labels(task: Any, server_labels: list[str], source: str) -> None:
     if extra:
         raise NodeConfigError(
             f"{source}: labels {extra[:5]} are not in the run's label set (the server's, "
-            f"{len(server_labels)} labels: {server_labels[:8]}{' ...' if len(server_labels) > 8 else ''}); "
-            "every node's file must use the labels of the server's training data")
+            f"{len(server_labels)} labels: {server_labels[:8]}"
+            f"{' ...' if len(server_labels) > 8 else ''}); every node's file must use the labels "
+            "of the server's training data")

@@ -164,6 +164,11 @@ def train_round(grid: Grid, cfg: RunConfig, nodes: Nodes, sampler: np.random.Gen
         for i in unanswered:
             nodes.failed.add(targets[i])  # a new node for it may replace this one (exchange.py)
             nodes.anchors.pop(targets[i], None)  # and would need the anchor again
+            if i in getattr(unanswered, "unsent", ()):  # the SuperLink refused: the node left
+                result.failures.append({"client": targets[i], "attempt": attempt,
+                                        "kind": "no-node", "reason": "the SuperLink did not "
+                                        "accept a message for its node (the node left)"})
+                continue
             result.failures.append({"client": targets[i], "attempt": attempt, "kind": "timeout",
                                     "reason": f"no reply within round-timeout="
                                               f"{cfg.round_timeout:g} s"})

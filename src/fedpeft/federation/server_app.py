@@ -158,6 +158,11 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     drift.observe(global_state)
     nodes = discover_nodes(grid, cfg.num_clients, min_nodes=cfg.min_train_clients,
                            query_timeout=min(cfg.round_timeout or 60.0, 60.0))
+    if nodes.own_data and cfg.client_sampling != "uniform":
+        raise ConfigError(f"client-sampling={cfg.client_sampling} weighs partitions by the "
+                          f"server's shard sizes, but the nodes of partitions "
+                          f"{sorted(nodes.own_data)[:10]} train on their own files, whose sizes "
+                          "the server does not know; use client-sampling=uniform")
     base_config = {"run-config": cfg.to_json(), "anchor-id": anchor_key,
                    "base-fingerprint": runtime.base_fingerprint,
                    # the head's labels, for nodes that train on their own files (nodedata.py)

@@ -39,8 +39,13 @@ import time
 import torch
 
 from ..config import RunConfig
-from ..models import (head_module_names, is_linear, query_value_modules, transposed_weight,
-                      weight_matrix)
+from ..models import (
+    head_module_names,
+    is_linear,
+    query_value_modules,
+    transposed_weight,
+    weight_matrix,
+)
 from ..tensors import svd_factors  # noqa: F401 (FeDeRA's and SLoRA's factors)
 from .base import Method
 
