@@ -83,8 +83,7 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
-from flwr.app import (  # noqa: E402
-    ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
@@ -408,9 +407,8 @@ def worker(arm: str, spec: Path, result: Path) -> int:
 # --- the parent: both arms, one after the other -----------------------------------------------
 
 def run_arm(arm: str, spec: Path, tmp: Path) -> dict[str, Any]:
-    from memory import tree_rss  # benchmarks/memory.py's sampler
-
     import psutil
+    from memory import tree_rss  # benchmarks/memory.py's sampler
 
     result, log = tmp / f"{arm}.json", tmp / f"{arm}.log"
     cmd = [sys.executable, str(HERE / "peer.py"), "--worker", arm, "--spec", str(spec),

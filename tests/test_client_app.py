@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from fedpeft.config import load_config
 from fedpeft.federation import client_app
 from fedpeft.federation.runtime import Runtime, anchor_id, cached_runtime
-from fedpeft.federation.state import frozen_digest, from_record, to_record
+from fedpeft.federation.state import from_record, frozen_digest, to_record
 
 
 def make_message(cfg, state, anchor=None, server_round=1):

@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scaffold import alive_in_groups
 
 from fedpeft.federation.deploy import read_run_config
 from fedpeft.runlog import load_state, read_rounds
-from scaffold import alive_in_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +33,9 @@ def test_run_config_of_the_deployed_app(tmp_path):
 
 
 def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    from deploy_harness import free_ports
+
+    return free_ports(n)
 
 
 def _kill_groups(pids):

@@ -6,8 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from fedpeft.drift import (DriftTracker, direction, direction_variation, magnitude,
-                           magnitude_variation, parse_lora_key)
+from fedpeft.drift import (
+    DriftTracker,
+    direction,
+    direction_variation,
+    magnitude,
+    magnitude_variation,
+    parse_lora_key,
+)
 
 KEY = "base_model.model.bert.encoder.layer.{}.attention.self.{}.lora_{}.default.weight"
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from fedpeft.partition import (PartitionError, dirichlet_partition, jensen_shannon,
-                               mean_pairwise_js)
+from fedpeft.partition import PartitionError, dirichlet_partition, jensen_shannon, mean_pairwise_js
 
 
 def labels(counts: dict[str, int]) -> list[str]:

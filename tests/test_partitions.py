@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 
 from fedpeft.config import ConfigError, RunConfig, load_config
-from fedpeft.partition import (Partition, PartitionError, check_partition_settings, describe,
-                               dirichlet_partition, dirichlet_sizes, jensen_shannon,
-                               make_partition, mean_pairwise_js, partition_summary)
+from fedpeft.partition import (
+    Partition,
+    PartitionError,
+    check_partition_settings,
+    describe,
+    dirichlet_partition,
+    dirichlet_sizes,
+    jensen_shannon,
+    make_partition,
+    mean_pairwise_js,
+    partition_summary,
+)
 
 # One configuration per scheme (quantity twice: Dirichlet sizes and power law).
 SCHEMES = {
@@ -172,9 +181,13 @@ def flwr_reference(y, partitioner, seed):
 
 
 def test_schemes_are_flwr_datasets_own_partitioners():
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                           LinearPartitioner, PathologicalPartitioner,
-                                           SquarePartitioner)
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        LinearPartitioner,
+        PathologicalPartitioner,
+        SquarePartitioner,
+    )
 
     cases = [
         (dict(partition="dirichlet", alpha=0.3),

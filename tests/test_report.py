@@ -11,9 +11,17 @@ import pytest
 from fedpeft.cli import main
 from fedpeft.drift import DriftTracker
 from fedpeft.report import build_report, find_runs, group_runs, parse_rounds
-from fedpeft.report_tables import (choose_target, default_rounds, fmt_duration, one_off_seconds,
-                                   results_table, round_time_table, sweep_table,
-                                   time_to_target, time_to_target_table)
+from fedpeft.report_tables import (
+    choose_target,
+    default_rounds,
+    fmt_duration,
+    one_off_seconds,
+    results_table,
+    round_time_table,
+    sweep_table,
+    time_to_target,
+    time_to_target_table,
+)
 
 # Per round: 2 clients, each receiving and sending 1.25 MB -> 2.5 MB = 20 Mbit per client,
 # 0.8 s at 25 Mbit/s; the slowest client trains 10 s -> 10.8 s per modelled round.

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 
 from fedpeft.report import build_report, find_runs, group_runs
-from fedpeft.report_tables import (bytes_per_client_round, drift_table, results_table,
-                                   round_seconds, time_to_target)
+from fedpeft.report_tables import (
+    bytes_per_client_round,
+    drift_table,
+    results_table,
+    round_seconds,
+    time_to_target,
+)
 
 MB = 1_000_000
 

@@ -4,8 +4,16 @@ DP clipping and accounting, a robust aggregator against a hostile client, and th
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 
 from fedpeft.config import ConfigError, RunConfig, load_config

@@ -18,14 +18,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from corpora import FIXTURE_OVERRIDE, needs_corpus
+from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 
 from fedpeft.config import RunConfig
 from fedpeft.federation.runtime import Runtime
 from fedpeft.models import load_tokenizer
 from fedpeft.tasks import make_task
 from fedpeft.tasks.qa import best_answers
-from corpora import FIXTURE_OVERRIDE, needs_corpus
-from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 
 ARCHS = ["roberta", "deberta-v2"]
 # The mark of a word that follows a space, per tokenizer kind.

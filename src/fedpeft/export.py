@@ -26,9 +26,8 @@ Both folders also get the tokenizer and ``fedpeft-export.json`` (method, base mo
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from pathlib import Path
 from typing import Any
 

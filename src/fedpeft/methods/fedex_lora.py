@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..federation.aggregation import fedavg, lora_pairs
 from ..tensors import load_trainable_state, trainable_state
-from .fedsa_lora import SVDStartMixin, svd_default_lr
+from .fedsa_lora import SVDStartMixin
 from .lora import LoRA, lora_scaling
 from .lora_family import MERGED, apply_merged, check_own_rule, rank_budget_rows, split_merged
 
@@ -74,12 +74,6 @@ class FedExLoRA(SVDStartMixin, LoRA):
         self.init = self._init_value()
         self._merged: dict[str, np.ndarray] = {}  # the fold this process's model carries
         self.residual = 0.0  # mean ||residual|| / ||mean product|| of the last round
-
-    @property
-    def lr(self) -> float:
-        if self.cfg.lr is None and self.cfg.lora_init == "svd":
-            return svd_default_lr(self)
-        return super().lr
 
     @classmethod
     def check_settings(cls, cfg: RunConfig) -> None:

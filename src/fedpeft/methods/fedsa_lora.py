@@ -54,6 +54,13 @@ class SVDStartMixin:
     def _init_value(self) -> Any:
         return False if self.cfg.lora_init == "svd" else "gaussian"
 
+    @property
+    def lr(self) -> float:
+        """FeDeRA's default rates with the SVD start (unless ``lr`` is set), else LoRA's."""
+        if self.cfg.lr is None and self.cfg.lora_init == "svd":
+            return svd_default_lr(self)  # type: ignore[arg-type]
+        return super().lr  # type: ignore[misc]
+
     def make_anchor(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         if self.cfg.lora_init != "svd":
             return None
@@ -77,12 +84,6 @@ class FedSALoRA(SVDStartMixin, LoRA):
         super().__init__(cfg, peft_task_type)
         self.init = self._init_value()
         self._initial_b: dict[str, torch.Tensor] = {}  # svd: B0 from the anchor
-
-    @property
-    def lr(self) -> float:
-        if self.cfg.lr is None and self.cfg.lora_init == "svd":
-            return svd_default_lr(self)
-        return super().lr
 
     @classmethod
     def check_settings(cls, cfg: RunConfig) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, RunConfig
-from .fedsa_lora import SVDStartMixin, svd_default_lr
+from .fedsa_lora import SVDStartMixin
 from .lora_family import RankedLoRA, check_own_rule, rank_budget_rows, truncate
 
 
@@ -40,12 +40,6 @@ class FlexLoRA(SVDStartMixin, RankedLoRA):
     def __init__(self, cfg: RunConfig, peft_task_type: str) -> None:
         super().__init__(cfg, peft_task_type)
         self.init = self._init_value()
-
-    @property
-    def lr(self) -> float:
-        if self.cfg.lr is None and self.cfg.lora_init == "svd":
-            return svd_default_lr(self)  # FeDeRA's
-        return super().lr
 
     @classmethod
     def check_settings(cls, cfg: RunConfig) -> None:

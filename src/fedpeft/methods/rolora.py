@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig
-from .fedsa_lora import SVDStartMixin, svd_default_lr
+from .fedsa_lora import SVDStartMixin
 from .lora import LoRA, lora_layers
 
 # strategies that average (or robustly combine) the replies' tensors and keep no per-tensor state
@@ -62,12 +62,6 @@ class RoLoRA(SVDStartMixin, LoRA):
         super().__init__(cfg, peft_task_type)
         self.init = self._init_value()
         self.factor = "AB"  # the server's model: both factors (the global state); clients: one
-
-    @property
-    def lr(self) -> float:
-        if self.cfg.lr is None and self.cfg.lora_init == "svd":
-            return svd_default_lr(self)
-        return super().lr
 
     @classmethod
     def check_settings(cls, cfg: RunConfig) -> None:

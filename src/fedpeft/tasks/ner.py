@@ -35,8 +35,15 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import (DataError, Features, InvalidRecords, Task, find_dataset, per_source_f1,
-                   numbered_lines)
+from .base import (
+    DataError,
+    Features,
+    InvalidRecords,
+    Task,
+    find_dataset,
+    numbered_lines,
+    per_source_f1,
+)
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 WNUT17_TYPES = ["corporation", "creative-work", "group", "location", "person", "product"]
