@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from corpora import FIXTURE_OVERRIDE
 from inprocess import InProcessGrid, flower_identity, run_inprocess, tiny_config  # noqa: F401
 
 from fedpeft.config import ConfigError, RunConfig, load_config
@@ -80,10 +81,15 @@ def test_local_splits_of_ner_and_qa_score(tiny_models, task, metric):
     cfg = load_config(None, [f"model={tiny_models('bert')}", f"task={task}", "method=fedsa-lora",
                              "lora-rank=4", "num-clients=2", "clients-per-round=1",
                              "max-train-samples=40", "max-test-samples=8",
-                             "local-test-fraction=0.25"])
+                             "local-test-fraction=0.25", FIXTURE_OVERRIDE])
     rt = Runtime(cfg)
-    assert 0.0 <= rt.evaluate_local(1)[metric] <= 1.0
-    assert len(rt.client_examples(1, "local-test")) == round(0.25 * 20)
+    held, kept = rt.client_examples(1, "local-test"), rt.client_examples(1)
+    assert len(held) == round(0.25 * 20) and not set(held) & set(kept)
+    # the local score is the task's own metric on exactly the held-out training examples
+    examples = [rt.task.examples("train")[i] for i in held]
+    features = rt.task.featurize(examples, rt.tokenizer, "test")
+    expected = rt.task.evaluate(rt.model, examples, features, rt.tokenizer, rt.device)
+    assert rt.evaluate_local(1)[metric] == pytest.approx(expected[metric])
 
 
 @pytest.mark.parametrize("method", ["fedlr", "federa", "slora"])
