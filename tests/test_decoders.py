@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from corpora import FIXTURE_OVERRIDE
-from decoders import DECODERS, tiny_decoders  # noqa: F401 (fixture)
+from decoders import DECODERS, one_thread, tiny_decoders  # noqa: F401 (fixtures)
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401 (fixture)
 
 from fedpeft.budget import budget_table
@@ -30,15 +30,6 @@ from fedpeft.runlog import load_state, read_rounds
 
 SEVEN = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora", "ffa-lora"]
 RANK = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run 10x faster on one thread than on two when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cfg_for(model: str, method: str, *more: str):

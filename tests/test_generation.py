@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from corpora import FIXTURE_OVERRIDE, fixture_config
-from decoders import decoder_tokenizer, tiny_decoders  # noqa: F401 (fixture)
+from decoders import decoder_tokenizer, one_thread, tiny_decoders  # noqa: F401 (fixtures)
 
 from fedpeft.cli import main
 from fedpeft.config import ConfigError, load_config
@@ -23,15 +23,6 @@ from fedpeft.tasks.qa import CLUSTERS, question_clusters
 from fedpeft.training import length_grouped, local_train
 
 MESSAGES = [{"role": "user", "content": "Which team won Super Bowl 50?"}]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run 10x faster on one thread than on two when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ANSWER = "Denver Broncos"
 
 

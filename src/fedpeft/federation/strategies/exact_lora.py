@@ -36,15 +36,22 @@ class ExactLoRA(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        valid, states, weights = valid_states(self, replies)
         if not valid:
             return None, None
-        states = [{k: np.asarray(v.numpy()) for k, v in m.content["arrays"].items()}
-                  for m in valid]
-        weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
         scalings = None if self.client_scaling is None else \
             [self.client_scaling(int(m.content["metrics"]["partition-id"])) for m in valid]
         state, errors = exact_lora_mean(states, weights, self.scaling, self.rank, scalings)
         error = float(np.mean(list(errors.values()))) if errors else 0.0
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(state[k])) for k in states[0]})
         return arrays, MetricRecord({"lora-truncation-error": error})
+
+
+def valid_states(strategy: FedAvg, replies: Iterable[Message]
+                 ) -> tuple[list[Message], list[dict[str, np.ndarray]], list[float]]:
+    """The replies Flower's checks keep, their states as numpy and their FedAvg weights (what
+    every fedpeft aggregation rule starts from)."""
+    valid, _ = strategy._check_and_log_replies(list(replies), is_train=True)
+    states = [{k: np.asarray(v.numpy()) for k, v in m.content["arrays"].items()} for m in valid]
+    weights = [float(m.content["metrics"][strategy.weighted_by_key]) for m in valid]
+    return valid, states, weights

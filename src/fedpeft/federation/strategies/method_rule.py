@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from .exact_lora import valid_states
 
 State = dict[str, np.ndarray]
 Rule = Callable[[int, list[State], list[float], list[int], State],
@@ -39,12 +40,9 @@ class MethodRule(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        valid, states, weights = valid_states(self, replies)
         if not valid:
             return None, None
-        states = [{k: np.asarray(v.numpy()) for k, v in m.content["arrays"].items()}
-                  for m in valid]
-        weights = [float(m.content["metrics"][self.weighted_by_key]) for m in valid]
         clients = [int(m.content["metrics"]["partition-id"]) for m in valid]
         previous = {k: np.asarray(v.numpy()) for k, v in self._round_start[0].items()} \
             if self._round_start else {}
