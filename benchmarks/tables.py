@@ -1,5 +1,6 @@
 """Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
-typed by hand): ``.venv/bin/python benchmarks/tables.py [throughput|memory|precision|REPORT]``,
+typed by hand): ``.venv/bin/python benchmarks/tables.py
+[throughput|memory|precision|defaults|REPORT]``,
 or ``... tables.py peer [FILE]`` (default ``peer.json``).
 
 ``REPORT`` is a path to a ``fedpeft report`` REPORT.md: its first table (the per-method table),
@@ -47,6 +48,31 @@ def precision() -> list[str]:
     return lines
 
 
+def defaults(name: str = "defaults.json") -> list[str]:
+    """What the defaults buy (``benchmarks/defaults.py``): training and evaluation speed of
+    ``precision=auto`` against fp32, and ``sim-workers=auto`` against one worker per core."""
+    rows = json.loads((RESULTS / name).read_text())
+    lines = ["| part | arm | baseline | default | baseline figure | default figure | speed-up |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["part"] == "training":
+            lines.append(f"| training samples/s | {r['method']} ({r['threads']} threads) | fp32 | "
+                         f"auto (= {r['auto-resolves-to']}) | {r['fp32-samples-per-s']:.1f} | "
+                         f"{r['default-samples-per-s']:.1f} | {r['speed-up']:.2f} |")
+        elif r["part"] == "evaluation":
+            lines.append(f"| seconds per evaluation | {r['sentences']:,} test sentences, batch "
+                         f"{r['eval-batch-size']} ({r['threads']} threads) | fp32, file order | "
+                         f"auto (= {r['auto-resolves-to']}), length-sorted | "
+                         f"{r['before-seconds']:.1f} | {r['now-seconds']:.1f} | "
+                         f"{r['speed-up']:.2f} |")
+        else:
+            lines.append(f"| seconds per round | federa, 10 clients x 80 per round | "
+                         f"{r['per-core']} | sim-workers=auto ({r['auto']}) | "
+                         f"{r['per-core-seconds-per-round']:.1f} | "
+                         f"{r['auto-seconds-per-round']:.1f} | {r['speed-up']:.2f} |")
+    return lines
+
+
 def peer(name: str = "peer.json") -> list[str]:
     """Section 7: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
     file in benchmarks/results/ or a path."""
@@ -82,7 +108,7 @@ def report_table(path: Path, heading: str = "") -> list[str]:
 
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "throughput"
-    tables = {"throughput": throughput, "precision": precision}
+    tables = {"throughput": throughput, "precision": precision, "defaults": defaults}
     if what in tables:
         out = tables[what]()
     elif what.startswith("memory"):

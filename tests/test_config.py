@@ -47,3 +47,64 @@ def test_resolved_config_round_trips():
     assert RunConfig.from_json(cfg.to_json()) == cfg
     assert 'method = "fedlr"' in to_toml(cfg)
     assert cfg.run_dir().name == "semeval-fedlr-a1.0-s3"
+
+
+# --- the settings groups (fedpeft.configs) ---------------------------------------------------
+
+def test_every_setting_has_one_owner_and_the_run_lists_its_own_first():
+    import dataclasses
+
+    from fedpeft.config import GROUPS, ordered_fields, own_fields
+
+    names = [f.name for f in ordered_fields()]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(RunConfig))
+    assert len(names) == len(set(names))  # no setting in two groups
+    own = {f.name for f in own_fields(RunConfig)}
+    assert {"task", "method", "rounds", "lr"} <= own
+    for group in GROUPS:  # a group's settings are not RunConfig's own
+        assert own.isdisjoint(f.name for f in own_fields(group)), group
+    assert {"lora_rank", "slora_density", "strategy"}.isdisjoint(own)
+    assert list(RunConfig().to_dict())[:2] == ["task", "method"]
+
+
+def test_each_method_names_the_settings_it_reads():
+    from fedpeft.cli import method_settings
+    from fedpeft.config import GROUPS
+    from fedpeft.configs import AdapterConfig, LoraConfig, RankedLoraConfig, SLoRAConfig
+    from fedpeft.methods import METHODS
+
+    assert METHODS["slora"].config_classes == (LoraConfig, SLoRAConfig)
+    assert METHODS["fedap"].config_classes == (AdapterConfig,)
+    assert RankedLoraConfig in METHODS["hetlora"].config_classes
+    assert METHODS["fedft"].config_classes == ()
+    for cls in METHODS.values():
+        assert set(cls.config_classes) <= set(GROUPS), cls
+    text = method_settings(METHODS)
+    assert "SLoRAConfig (slora): slora-stage1-rounds, slora-density, slora-stage1-lr" in text
+    assert "none (fedft, fedbf)" in text
+
+
+def test_help_config_lists_each_group_under_its_dataclass():
+    from fedpeft.config import describe_fields
+
+    lines = describe_fields().splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("SLoRAConfig "))
+    assert "fedpeft.configs.slora" in lines[heading]
+    assert lines[heading + 1].split()[0] == "slora-stage1-rounds"
+    assert lines[0].split()[0] == "task"
+
+
+def test_a_group_checks_its_own_fields_alone_and_inside_a_run():
+    from fedpeft.configs import AdapterConfig, LoraConfig, SLoRAConfig
+
+    with pytest.raises(ConfigError, match="lora-rank must be > 0, got 0"):
+        LoraConfig(lora_rank=0).check_lora()
+    with pytest.raises(ConfigError, match="adapter-reduction must be > 0, got -1"):
+        AdapterConfig(adapter_reduction=-1).check_adapter()
+    with pytest.raises(ConfigError, match=r"slora-density must be in \(0, 1\], got 1.5"):
+        SLoRAConfig(slora_density=1.5).check_slora()
+    with pytest.raises(ConfigError, match=r"slora-stage1-rounds must be in \[1, rounds=4\], got 5"):
+        load_config(None, ["method=slora", "rounds=4", "slora-stage1-rounds=5"])
+    with pytest.raises(ConfigError, match="lora-init=svd applies to method="):
+        load_config(None, ["method=fedlr", "lora-init=svd"])
+    assert load_config(None, ["method=slora", "rounds=8"]).resolved().slora_stage1_rounds == 2

@@ -1,6 +1,9 @@
 """The one source of truth for a run's settings.
 
-A run is described by a single flat dataclass, ``RunConfig``. Every field has a default that
+A run is described by one flat dataclass, ``RunConfig``: its own fields are what every run has;
+the settings of the method families and of the federation's strategies are their own config
+dataclasses (``fedpeft.configs``: ``LoraConfig``, ``SLoRAConfig``, ...) that ``RunConfig`` is
+composed of, so every setting is still one kebab-case key. Every field has a default that
 follows the FeDeRA paper's protocol (arXiv 2404.18848, Sec. 5.1) where the paper gives one, and
 every field can be set from a TOML file or from ``key=value`` overrides on the command line,
 where keys are written in kebab case (``num-clients=100``). The config is validated once, here,
@@ -21,35 +24,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FedpeftError
+from .configs import (AdapterConfig, ConfigError, LoraConfig, RankedLoraConfig, SLoRAConfig,
+                      StrategyConfig, TaskConfig, setting)
+from .configs.base import check_finite
+from .configs.base import kebab as _kebab
+from .configs.lora import LORA_FAMILY, QUANTIZABLE  # noqa: F401 (their old home)
 
 
-class ConfigError(FedpeftError, ValueError):
-    """A setting is unknown, malformed or inconsistent with another one."""
-
-
-LORA_FAMILY = ("fedlr", "federa", "ffa-lora", "slora")  # the methods lora-dora/-rslora apply to
 LR_SCHEDULES = ("constant", "cosine", "step")  # see schedule.py
-QUANTIZABLE = ("fedlr", "ffa-lora")  # the methods quantize=4bit applies to (frozen base as is)
 
 
-def setting(default: Any, help: str = "", *, resumable: bool = False,
-            structural: bool = True) -> Any:
-    """A ``RunConfig`` field with its help text and what it may change.
-
-    ``resumable``: it steers how the remaining rounds are run, not what the run computes, so a
-    resumed run, or a finished run that ``fedpeft compare`` reuses, may differ in it (every other
-    setting must be equal, else the runs are different runs). ``structural=False``: the model,
-    the data and the partition do not depend on it, so a process's cached runtime survives a
-    change of it (``federation/runtime.py``).
-    """
-    return field(default=default,
-                 metadata={"help": help, "resumable": resumable, "structural": structural})
+# The settings groups a run is made of, in the order `--help-config` and config.toml list them:
+# RunConfig's own (what every run has), then those each method family and the federation own.
+GROUPS: tuple[type, ...] = (TaskConfig, LoraConfig, RankedLoraConfig, AdapterConfig,
+                            SLoRAConfig, StrategyConfig)
 
 
 @dataclass
-class RunConfig:
-    """Everything a federated fine-tuning run needs. Keys on the CLI are kebab case."""
+class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, LoraConfig,
+                TaskConfig):
+    """Everything a federated fine-tuning run needs. Keys on the CLI are kebab case.
+
+    Its own fields are what every run has; the method families' and the federation's settings
+    come from their config dataclasses (``fedpeft.configs``), so a run stays one flat set of keys.
+    """
 
     # --- what to fine-tune -------------------------------------------------------------------
     task: str = setting(
@@ -101,36 +99,6 @@ class RunConfig:
     max_length: int | None = setting(
         None, "None = the task's default (paper: SemEval 64, 20News 256)")
     eval_batch_size: int = setting(64, "batch size of evaluation", resumable=True, structural=False)
-    # --- LoRA family (paper: r=32, alpha=32 on query and value) ------------------------------
-    lora_rank: int = setting(32, "LoRA rank r")
-    lora_alpha: float = setting(32.0, "LoRA alpha (s = alpha / r; alpha / sqrt(r) if rsLoRA)")
-    lora_dropout: float = setting(0.0, "LoRA dropout")
-    lora_dora: bool = setting(
-        False, "LoRA family: DoRA (PEFT use_dora), a trained magnitude per output row")
-    lora_rslora: bool = setting(
-        False, "LoRA family: rsLoRA scaling s = alpha / sqrt(r) (PEFT use_rslora)")
-    target_modules: list[str] | None = setting(None, "None = query/value of the architecture")
-    lora_init: str = setting(
-        "gaussian", "fedsa-lora/rolora/fedex-lora/flexlora: gaussian (FedLR's A ~ N(0, 1/r^2), "
-        "B = 0) | svd (FeDeRA's A, B from the SVD of W, residual frozen); docs/methods.md")
-    client_ranks: str | None = setting(
-        None, "flora/flexlora/hetlora: LoRA rank per client, 4,8,16,32 (each client one of "
-        "them, seeded, balanced) or table:r0,r1,... (one per partition); each <= lora-rank")
-    hetlora_gamma: float = setting(
-        0.99, "hetlora: rank self-pruning keeps max(1, floor(gamma * r)) components")
-    hetlora_lambda: float = setting(
-        1e-3, "hetlora: weight of the pruning regulariser on the tail components; 0 = no pruning")
-    # --- FedAP adapters and SLoRA's sparse first stage (see docs/methods.md) -----------------
-    adapter_reduction: int = setting(
-        16, "FedAP bottleneck width = hidden size / this (FedPETuning: 16)")
-    adapter_modules: list[str] | None = setting(
-        None, "FedAP sites under each layer; None = attn/FFN outs")
-    slora_stage1_rounds: int | None = setting(
-        None, "SLoRA sparse rounds, then LoRA; None = rounds//4 (>=1)")
-    slora_density: float = setting(
-        0.01, "SLoRA stage 1: share of each target matrix that trains (~1%)")
-    slora_stage1_lr: float | None = setting(
-        None, "None = SLoRA's stage-1 default (lr applies to stage 2)")
     # --- data size limits (for quick runs and tests) -----------------------------------------
     max_train_samples: int | None = setting(None, "a seeded random subset of n training examples")
     max_test_samples: int | None = setting(None, "a seeded random subset of n test examples")
@@ -142,63 +110,7 @@ class RunConfig:
     local_eval_clients: int = setting(
         0, "local-test-fraction: clients that score the model on their local split at each "
         "evaluation round; 0 = all, k = a seeded sample of k", structural=False)
-    # --- bring-your-own data -----------------------------------------------------------------
-    train_file: str | None = setting(None, "*-files tasks: the training file")
-    test_file: str | None = setting(None, "*-files tasks: the test file")
-    text_column: str = setting("text", "text-files: the column of the text")
-    label_column: str = setting("label", "text-files: the column of the label")
-    token_column: int = setting(0, "conll-files: 0-based column of the token")
-    tag_column: int = setting(-1, "conll-files: 0-based column of the BIO tag (-1 = last)")
-    skip_invalid: bool = setting(
-        False, "conll-files/squad-files: skip bad sentences/questions (counted)")
-    ner_max_classes: int = setting(
-        16, 'NER partition classes: 15 commonest entity sets + "other"; 0=all')
-    doc_stride: int = setting(128, "QA: tokens shared by consecutive sliding windows (paper L=384)")
-    max_answer_length: int = setting(30, "QA: longest predicted answer span, in tokens")
-    n_best: int = setting(
-        20, "QA: start and end candidates per window considered in post-processing")
-    # --- generative tasks on decoders (squad-gen, instruct-files; docs/tasks.md) --------------
-    gen_eval_samples: int | None = setting(
-        200, "squad-gen/instruct-files: seeded test subset scored (loss + greedy generation); "
-        "None = all")
-    max_new_tokens: int = setting(
-        32, "squad-gen/instruct-files: longest generated answer, in tokens", resumable=True,
-        structural=False)
-    instruct_format: str = setting(
-        "auto", "instruct-files: auto | alpaca (instruction/input/output) | dolly "
-        "(instruction/context/response) | messages (chat)")
-    partition_field: str | None = setting(
-        None, "instruct-files: field holding the partition class (e.g. category); None = k-means")
-    quantize: str = setting(
-        "none", "none | 4bit: QLoRA-style NF4 base (bitsandbytes; CUDA; fedlr, ffa-lora)")
-    # --- aggregation and transport (beyond the papers) ----------------------------------------
-    aggregation: str = setting("fedavg", "fedavg | exact-lora (mean of s*B*A refactored by SVD)")
-    strategy: str = setting("fedavg", "a Flower strategy by name (see `fedpeft strategies`)")
-    server_lr: float | None = setting(
-        None, "fedavgm/fedadam/fedyogi/fedadagrad: server learning rate; None = Flower's default")
-    server_momentum: float | None = setting(None, "fedavgm: server momentum")
-    beta_1: float | None = setting(None, "fedadam/fedyogi: first-moment decay")
-    beta_2: float | None = setting(None, "fedadam/fedyogi: second-moment decay")
-    tau: float | None = setting(None, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon)")
-    proximal_mu: float | None = setting(None, "fedprox: weight mu of (mu/2)||w - w_global||^2")
-    trim_beta: float | None = setting(None, "fedtrimmedavg: share trimmed at each end")
-    num_malicious_nodes: int | None = setting(
-        None, "krum/multikrum/bulyan: hostile clients tolerated")
-    num_nodes_to_select: int | None = setting(None, "multikrum: updates averaged")
-    qffl_q: float | None = setting(None, "qfedavg: fairness exponent q")
-    dp: str = setting("none", "none | server-fixed | client-fixed | server-adaptive | "
-                      "client-adaptive: Flower's DP wrappers")
-    dp_noise_multiplier: float | None = setting(
-        None, "dp: Gaussian noise std / clipping norm")
-    dp_clipping_norm: float | None = setting(
-        None, "dp: L2 clipping norm of a client's update (adaptive: the initial one, 0.1)")
-    dp_target_quantile: float | None = setting(
-        None, "dp adaptive: share of updates left unclipped (Flower: 0.5)")
-    dp_clip_norm_lr: float | None = setting(None, "dp adaptive: clipping norm's learning rate")
-    dp_clipped_count_stddev: float | None = setting(
-        None, "dp adaptive: noise std of the clipped-update count (Flower: clients-per-round/20)")
-    dp_delta: float | None = setting(
-        None, "dp fixed: delta of the reported epsilon; None = 1 / num-clients^1.1")
+    # --- transport --------------------------------------------------------------------------
     transport_dtype: str = setting(
         "fp32", "fp32 | fp16 | bf16: precision of the tensors on the wire")
     # --- failing clients and bad updates (see docs/deployment.md) ----------------------------
@@ -258,7 +170,7 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         positive = ["rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size",
-                    "eval_every", "lora_rank", "eval_batch_size"]
+                    "eval_every", "eval_batch_size"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
@@ -269,16 +181,12 @@ class RunConfig:
         if self.sim_gpus_per_worker is not None and not 0 < self.sim_gpus_per_worker <= 1:
             raise ConfigError(f"sim-gpus-per-worker must be in (0, 1], got "
                               f"{self.sim_gpus_per_worker}")
-        nonnegative = ["weight_decay", "max_grad_norm", "threads", "max_failed_rounds",
-                       "doc_stride"]
+        nonnegative = ["weight_decay", "max_grad_norm", "threads", "max_failed_rounds"]
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("alpha", "lora_alpha", "weight_decay", "max_grad_norm", "lora_dropout",
-                     "round_timeout", "max_update_norm", "valid_fraction", "slora_density"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{_kebab(name)} must be a finite number, got "
-                                  f"{getattr(self, name)}")
+        check_finite(self, "alpha", "weight_decay", "max_grad_norm", "round_timeout",
+                     "max_update_norm", "valid_fraction")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if self.device in ("cuda",) or self.device.startswith("cuda:"):
@@ -292,10 +200,6 @@ class RunConfig:
         from .partition import check_partition_settings
 
         check_partition_settings(self)
-        if not self.lora_alpha > 0:
-            raise ConfigError(f"lora-alpha must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.min_size < 1:
             raise ConfigError(f"min-size must be >= 1, got {self.min_size}")
         if self.max_length is not None and self.max_length < 8:
@@ -304,37 +208,21 @@ class RunConfig:
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        if self.aggregation not in ("fedavg", "exact-lora"):
-            raise ConfigError(f"aggregation must be fedavg or exact-lora, got {self.aggregation!r}")
-        from .federation.strategies import check_strategy_settings
-
-        check_strategy_settings(self)
         from .tracking import check_track
 
         check_track(self)
-        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
-            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
-        if self.adapter_reduction <= 0:
-            raise ConfigError(f"adapter-reduction must be > 0, got {self.adapter_reduction}")
-        if not 0.0 < self.slora_density <= 1.0:
-            raise ConfigError(f"slora-density must be in (0, 1], got {self.slora_density}")
-        r1 = self.slora_stage1_rounds
-        if r1 is not None and not 1 <= r1 <= self.rounds:
-            raise ConfigError(f"slora-stage1-rounds must be in [1, rounds={self.rounds}], got "
-                              f"{self.slora_stage1_rounds}")
-        if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
-            raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
-        self._validate_lora_variants()
         self._validate_local_eval()
+        self._validate_schedule()
+        # the settings groups' own checks (fedpeft.configs), after the run-wide ones they use
+        self.check_lora()
+        self.check_ranked_lora()
+        self.check_adapter()
+        self.check_slora()
+        self.check_strategy()
         from .methods import check_method_settings
 
         check_method_settings(self)  # a method's own combinations (fedsa-lora, rolora)
-        from .methods import METHODS
-        from .methods.lora_family import check_client_ranks
-
-        check_client_ranks(self, getattr(METHODS.get(self.method), "heterogeneous_ranks", False))
-        self._validate_schedule()
-        self._validate_generation()
+        self.check_task_settings()
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.transport_dtype not in ("fp32", "fp16", "bf16"):
@@ -344,12 +232,6 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {value}")
-        if self.max_answer_length <= 0 or self.n_best <= 0 or self.doc_stride < 0:
-            raise ConfigError("max-answer-length and n-best must be > 0 and doc-stride >= 0, got "
-                              f"{self.max_answer_length}, {self.n_best}, {self.doc_stride}")
-        if self.ner_max_classes == 1 or self.ner_max_classes < 0:
-            raise ConfigError(f"ner-max-classes must be 0 (keep all) or >= 2, got "
-                              f"{self.ner_max_classes}")
         if not 1 <= self.min_train_clients <= self.clients_per_round:
             raise ConfigError(f"min-train-clients must be in [1, clients-per-round="
                               f"{self.clients_per_round}], got {self.min_train_clients}")
@@ -377,38 +259,6 @@ class RunConfig:
         self.run_dir()  # a bad out= placeholder fails here, wherever a config is loaded
         return self
 
-    def _validate_lora_variants(self) -> None:
-        variants = [name for name, on in (("lora-dora", self.lora_dora),
-                                          ("lora-rslora", self.lora_rslora)) if on]
-        if variants and self.method not in LORA_FAMILY:
-            raise ConfigError(f"{' and '.join(variants)} apply to the LoRA family "
-                              f"({', '.join(LORA_FAMILY)}), not method={self.method}")
-
-    def _validate_generation(self) -> None:
-        if self.gen_eval_samples is not None and self.gen_eval_samples <= 0:
-            raise ConfigError(f"gen-eval-samples must be > 0 (or none), got "
-                              f"{self.gen_eval_samples}")
-        if self.max_new_tokens <= 0:
-            raise ConfigError(f"max-new-tokens must be > 0, got {self.max_new_tokens}")
-        if self.instruct_format not in ("auto", "alpaca", "dolly", "messages"):
-            raise ConfigError(f"instruct-format must be auto, alpaca, dolly or messages, got "
-                              f"{self.instruct_format!r}")
-        if self.quantize not in ("none", "4bit"):
-            raise ConfigError(f"quantize must be none or 4bit, got {self.quantize!r}")
-        if self.quantize == "4bit":
-            if self.method not in QUANTIZABLE:
-                raise ConfigError(f"quantize=4bit (a frozen 4-bit base, QLoRA) works with "
-                                  f"{', '.join(QUANTIZABLE)}: method={self.method} changes the "
-                                  "frozen weights themselves (FeDeRA's residual, SLoRA's sparse "
-                                  "stage) or trains them all")
-            import torch
-
-            if self.device == "cpu" or not torch.cuda.is_available():
-                raise ConfigError(f"quantize=4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
-                                  f"this run has device={self.device}"
-                                  f"{'' if torch.cuda.is_available() else ' and no CUDA'}; "
-                                  "use quantize=none on a CPU")
-
     def _validate_local_eval(self) -> None:
         if not (math.isfinite(self.local_test_fraction) and 0.0 <= self.local_test_fraction < 1.0):
             raise ConfigError(f"local-test-fraction must be in [0, 1), got "
@@ -419,13 +269,6 @@ class RunConfig:
         if self.local_eval_clients and not self.local_test_fraction:
             raise ConfigError("local-eval-clients needs local-test-fraction > 0 (the clients' "
                               "local test splits it scores on)")
-        if self.lora_init not in ("gaussian", "svd"):
-            raise ConfigError(f"lora-init must be gaussian or svd, got {self.lora_init!r}")
-        svd_starts = ("fedsa-lora", "rolora", "fedex-lora", "flexlora")
-        if self.lora_init != "gaussian" and self.method not in svd_starts:
-            raise ConfigError(f"lora-init={self.lora_init} applies to method="
-                              f"{', '.join(svd_starts)} (fedlr is the gaussian start, federa the "
-                              f"svd one), not method={self.method}")
 
     def _validate_schedule(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -450,9 +293,6 @@ class RunConfig:
         if self.lr_schedule == "cosine" and self.warmup_rounds >= horizon:
             raise ConfigError(f"warmup-rounds={self.warmup_rounds} leaves no round of the cosine "
                               f"decay (lr-schedule-rounds or rounds = {horizon})")
-        if self.strategy == "qfedavg" and (self.lr_schedule != "constant" or self.warmup_rounds):
-            raise ConfigError("strategy=qfedavg uses one client learning rate for the whole run "
-                              "(L = 1/lr); use lr-schedule=constant and warmup-rounds=0 with it")
 
     def resolved(self, saved: Mapping[str, Any] | None = None) -> RunConfig:
         """This config with the defaults that depend on other settings fixed, once, at the start
@@ -462,9 +302,7 @@ class RunConfig:
         values win. A run saved before a default was resolved falls back to the method state
         it logged (``slora-stage1-rounds`` from the checkpoint)."""
         cfg = dataclasses.replace(self)
-        if cfg.method == "slora" and cfg.slora_stage1_rounds is None:
-            earlier = (saved or {}).get("slora-stage1-rounds")
-            cfg.slora_stage1_rounds = int(earlier) if earlier else max(1, cfg.rounds // 4)
+        cfg.resolve_slora(saved)
         if cfg.lr_schedule == "cosine" and cfg.lr_schedule_rounds is None:
             earlier = (saved or {}).get("lr-schedule-rounds")
             cfg.lr_schedule_rounds = int(earlier) if earlier else cfg.rounds
@@ -509,8 +347,9 @@ class RunConfig:
         return Path("".join(parts))
 
     def to_dict(self) -> dict[str, Any]:
-        """Kebab-case mapping of every field (None values included)."""
-        return {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Kebab-case mapping of every field (None values included), in ``ordered_fields``'
+        order."""
+        return {_kebab(f.name): getattr(self, f.name) for f in ordered_fields()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -645,12 +484,27 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def own_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields ``cls`` declares itself (not those it inherits)."""
+    own = cls.__dict__.get("__annotations__", {})
+    return [f for f in dataclasses.fields(cls) if f.name in own]
+
+
+def ordered_fields() -> list[dataclasses.Field]:
+    """Every setting: RunConfig's own (what every run has), then each group of ``GROUPS``."""
+    return [f for cls in (RunConfig, *GROUPS) for f in own_fields(cls)]
+
+
 def describe_fields() -> str:
-    """One line per setting with its default and help text, for ``--help-config``."""
+    """One line per setting with its default and help text, for ``--help-config``: RunConfig's
+    own, then each settings group under its dataclass's name and summary (its docstring)."""
     lines = []
-    for f in dataclasses.fields(RunConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  {_kebab(f.name):<22} {default!r:<40} {f.metadata.get('help', '')}")
+    for cls in (RunConfig, *GROUPS):
+        if cls is not RunConfig:
+            lines.append(f"{cls.__name__} ({cls.__module__}): {(cls.__doc__ or '').strip()}")
+        for f in own_fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {_kebab(f.name):<22} {default!r:<40} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -695,5 +549,6 @@ def _check_cuda(device: str) -> None:
                           "device(s)")
 
 
-__all__ = ["ConfigError", "RunConfig", "describe_fields", "differing_settings", "field",
-           "load_config", "non_structural_settings", "resumable_settings", "setting", "to_toml"]
+__all__ = ["GROUPS", "ConfigError", "RunConfig", "describe_fields", "differing_settings",
+           "field", "load_config", "non_structural_settings", "ordered_fields",
+           "resumable_settings", "setting", "to_toml"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models import adapter_sites, out_features
+from ..configs import AdapterConfig
 from .base import Method, freeze_all_but_head
 
 INIT_STD = 0.02  # std of W_down at init (BERT's initializer range)
@@ -83,6 +84,7 @@ class HoulsbyAdapters(Method):
     """Federated Houlsby adapters (FedAP): adapters + head."""
 
     name = "fedap"
+    config_classes = (AdapterConfig,)
     paper = "Houlsby adapters (Houlsby et al., 2019) in FedAvg; FedPETuning (Zhang et al., 2023)"
     default_lr = 2e-3  # SemEval, bundled model, 400 steps: 2e-3 -> 0.45 acc; 1e-3 0.38, 5e-3 0.42
 

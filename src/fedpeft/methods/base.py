@@ -33,6 +33,9 @@ class Method(ABC):
     # Default rates that differ by task kind ("classification" | "ner" | "qa" | "generation"),
     # where measured.
     kind_lrs: dict[str, float] = {}
+    # The settings dataclasses this method reads, beyond what every run has (fedpeft.configs),
+    # listed by `fedpeft methods`.
+    config_classes: tuple[type, ...] = ()
 
     def __init__(self, cfg: RunConfig, peft_task_type: str) -> None:
         self.cfg = cfg

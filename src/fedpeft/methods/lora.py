@@ -39,6 +39,7 @@ import time
 import torch
 
 from ..config import RunConfig
+from ..configs import LoraConfig
 from ..models import (
     head_module_names,
     is_linear,
@@ -61,6 +62,7 @@ class LoRA(Method):
     """Federated LoRA with Gaussian A and zero B (the paper's FedLR)."""
 
     name = "fedlr"
+    config_classes = (LoraConfig,)
     paper = "LoRA (Hu et al., 2021) in FedAvg; FeDeRA paper Sec. 5.1 (FedLR)"
     default_lr = 2e-3  # SemEval, bundled model: 2e-3 -> 0.54 acc centralised; 5e-3 diverges
     init = "gaussian"  # PEFT init_lora_weights value used when the model is built

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..configs import LoraConfig, RankedLoraConfig
 from ..models import weight_matrix
 from ..tensors import load_trainable_state, trainable_state
 from .lora import LoRA, lora_layers
@@ -260,6 +261,8 @@ class RankedLoRA(LoRA):
     Client side, ``receive`` zero-pads the factors it was sent to the model's rank and sets the
     client's scale; ``reply`` sends back its r_k components. The server's model keeps the full
     rank and the global scale (``import_state``)."""
+
+    config_classes = (LoraConfig, RankedLoraConfig)
 
     heterogeneous_ranks = True  # takes client-ranks
     per_client_scale = True  # s_k = alpha / r_k (False: everyone at alpha / lora-rank)

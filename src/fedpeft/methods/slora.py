@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import RunConfig
+from ..configs import LoraConfig, SLoRAConfig
 from ..models import head_module_names, is_linear, query_value_modules, transposed_weight
 from .base import freeze_all_but_head
 from .lora import LoRA, lora_layers, reset_magnitude, svd_factors
@@ -86,6 +87,7 @@ class SLoRA(LoRA):
     """Sparse fine-tuning for R1 rounds, then LoRA initialised from the SVD of its update."""
 
     name = "slora"
+    config_classes = (LoraConfig, SLoRAConfig)
     paper = "SLoRA (Babakniya et al., 2023, arXiv 2308.06522)"
     default_lr = 2e-3  # stage 2 (LoRA), as FedLR; see docs/methods.md
     stage1_lr = 1e-2  # stage 1 (1% of entries + head), 400 steps: 1e-2 -> 0.63, 5e-3 -> 0.54
