@@ -18,7 +18,8 @@ from fedpeft.cli import main
 from fedpeft.config import ConfigError, load_config
 from fedpeft.federation.runtime import Runtime
 from fedpeft.tasks import DataError, make_task
-from fedpeft.tasks.generation import PLAIN_PROMPT, clean_generation, read_instructions, rouge_l
+from fedpeft.tasks.generation import PLAIN_PROMPT, clean_generation, rouge_l
+from fedpeft.tasks.instructions import read_instructions
 from fedpeft.tasks.qa import CLUSTERS, question_clusters
 from fedpeft.training import length_grouped, local_train
 

@@ -1,12 +1,13 @@
 """Tasks by name. Each task class lives in the file of its kind (classification, ner, qa,
-generation)."""
+generation, instructions)."""
 
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
 from .base import DataError, Features, Task
 from .classification import Newsgroups, SemEval, TextFiles
-from .generation import InstructFiles, SquadGen
+from .generation import SquadGen
+from .instructions import InstructFiles
 from .ner import ConllFiles, Ploner, Wnut17
 from .qa import MultiSourceQA, Squad, SquadFiles
 

@@ -1,13 +1,9 @@
-"""Instruction tuning of decoder language models: generative QA on SQuAD, the user's instructions.
+"""Instruction tuning of decoder language models: ``GenerationTask``, and generative QA on SQuAD.
 
-- ``squad-gen``: the SQuAD questions of ``squad`` (same article split, same k-means question
-  clusters as partition classes), asked generatively: the prompt is the context and the question
-  in the model's chat template, the target is the first gold answer.
-- ``instruct-files``: the user's JSONL (``train-file``/``test-file``) in the Alpaca layout
-  (``instruction``, ``input``, ``output``), the Dolly layout (``instruction``, ``context``,
-  ``response``, ``category``) or chat ``messages`` (the last one the assistant's answer).
-  Partition classes: the value of ``partition-field`` (e.g. Dolly's ``category``), else k-means
-  over the TF-IDF of the prompts (as SQuAD's questions).
+- ``squad-gen`` (here): the SQuAD questions of ``squad`` (same article split, same k-means
+  question clusters as partition classes), asked generatively: the prompt is the context and the
+  question in the model's chat template, the target is the first gold answer.
+- ``instruct-files`` (``instructions.py``): the user's JSONL in the Alpaca, Dolly or chat layout.
 
 Features (``encode``): the prompt rendered with the tokenizer's chat template
 (``apply_chat_template(..., add_generation_prompt=True)``) and the completion, the rest of the
@@ -34,17 +30,15 @@ official script's normalisation, ``qa.squad_scores``) and ROUGE-L F-measure (Goo
 from __future__ import annotations
 
 import inspect
-import json
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..training import _autocast
-from .base import DataError, Features, InvalidRecords, Task, numbered_lines
+from .base import DataError, Features, InvalidRecords, Task
 from .qa import CLUSTERS, question_clusters, squad_scores, squad_split
 
 SQUAD_INSTRUCTION = ("Answer the question with a short span copied from the context. Reply "
@@ -321,116 +315,3 @@ class SquadGen(GenerationTask):
 
     def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
         return question_clusters([e["question"] for e in examples], CLUSTERS, self.cfg.seed)
-
-
-LAYOUTS = {  # layout -> (prompt field, optional extra-input field, response field)
-    "alpaca": ("instruction", "input", "output"),
-    "dolly": ("instruction", "context", "response"),
-}
-
-
-class InstructFiles(GenerationTask):
-    """The user's instruction data (JSONL): Alpaca, Dolly or chat ``messages``."""
-
-    name = "instruct-files"
-    metric = "rouge-l"
-
-    def _load(self, split: str) -> list[dict[str, Any]]:
-        return read_instructions(self.user_file(split), self.cfg.instruct_format,
-                                 self.cfg.partition_field, self.cfg.skip_invalid)
-
-    def _source(self, split: str) -> str:
-        return self.user_file(split)
-
-    def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
-        if self.cfg.partition_field:
-            return [e["class"] for e in examples]
-        return super().partition_classes(examples)
-
-
-def read_instructions(path: str | Path, layout: str = "auto", partition_field: str | None = None,
-                      skip_invalid: bool = False) -> list[dict[str, Any]]:
-    """Examples of an instruction JSONL file (one object per line; blank lines ignored).
-
-    ``layout`` auto tells each record's layout by its keys: ``messages`` (chat), ``output``
-    (Alpaca), ``response`` (Dolly). A record missing a required field, with an empty prompt or
-    response, or (with ``partition_field``) without that field, is invalid: the error names the
-    line and the field."""
-    problems = InvalidRecords(path, skip=skip_invalid)
-    examples = []
-    for number, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, f"expected one JSON object per line: {err.msg} (column "
-                            f"{err.colno})", number) from None
-        except RecursionError:
-            raise DataError(path, "expected one JSON object per line: nested too deeply",
-                            number) from None
-        if not isinstance(record, dict):
-            raise DataError(path, f"expected a JSON object, got {type(record).__name__}", number)
-        example, problem = _instruction(record, layout)
-        if problem is None and partition_field:
-            value = record.get(partition_field)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                problem = f"no partition-field {partition_field!r}"
-            else:
-                example["class"] = str(value)
-        if problem is not None:
-            problems.add(problem, number)
-            continue
-        example["id"] = str(record.get("id", f"line-{number}"))
-        example["line"] = number
-        examples.append(example)
-    return problems.finish(examples, "record")
-
-
-def _instruction(record: dict[str, Any], layout: str) -> tuple[dict[str, Any], str | None]:
-    """(example, None) or ({}, what is wrong) for one record."""
-    if layout == "auto":
-        layout = ("messages" if "messages" in record else "alpaca" if "output" in record
-                  else "dolly" if "response" in record else "")
-        if not layout:
-            return {}, (f"cannot tell the layout from its fields {sorted(record)[:8]}: expected "
-                        "messages, instruction+output (Alpaca) or instruction+response (Dolly)")
-    if layout == "messages":
-        return _chat(record.get("messages"))
-    prompt_key, extra_key, response_key = LAYOUTS[layout]
-    for key in (prompt_key, response_key):
-        if key not in record:
-            return {}, f"no {key!r} field ({layout} layout: {', '.join(LAYOUTS[layout])})"
-        if not isinstance(record[key], str):
-            return {}, f"{key!r} must be a string, got {type(record[key]).__name__}"
-    extra = record.get(extra_key) or ""
-    if not isinstance(extra, str):
-        return {}, f"{extra_key!r} must be a string, got {type(extra).__name__}"
-    if not record[prompt_key].strip():
-        return {}, f"empty {prompt_key!r}"
-    response = record[response_key].strip()
-    if not response:
-        return {}, f"empty response ({response_key!r})"
-    content = record[prompt_key].strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
-    return {"messages": [{"role": "user", "content": content}], "response": response,
-            "references": [response]}, None
-
-
-def _chat(messages: Any) -> tuple[dict[str, Any], str | None]:
-    if not isinstance(messages, list) or not messages:
-        return {}, "'messages' must be a non-empty list of {role, content} objects"
-    turns = []
-    for k, message in enumerate(messages):
-        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), str)):
-            return {}, f"messages[{k}] must be an object with string role and content"
-        turns.append({"role": message["role"], "content": message["content"]})
-    if turns[-1]["role"] != "assistant":
-        return {}, (f"the last message must be the assistant's answer, got role "
-                    f"{turns[-1]['role']!r}")
-    if not turns[-1]["content"].strip():
-        return {}, "empty response (the last message's content)"
-    if not any(t["role"] == "user" and t["content"].strip() for t in turns[:-1]):
-        return {}, "no user message before the answer"
-    response = turns[-1]["content"].strip()
-    return {"messages": turns[:-1], "response": response, "references": [response]}, None
