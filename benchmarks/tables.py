@@ -60,8 +60,13 @@ def defaults(name: str = "defaults.json") -> list[str]:
                          f"auto (= {r['auto-resolves-to']}) | {r['fp32-samples-per-s']:.1f} | "
                          f"{r['default-samples-per-s']:.1f} | {r['speed-up']:.2f} |")
         elif r["part"] == "evaluation":
-            lines.append(f"| seconds per evaluation | {r['sentences']:,} test sentences, batch "
-                         f"{r['eval-batch-size']} ({r['threads']} threads) | fp32, file order | "
+            what = (f"{r['sentences']:,} test sentences, batch {r['eval-batch-size']} "
+                    f"({r['threads']} threads)")
+            lines.append(f"| seconds per evaluation | {what} | fp32, file order | "
+                         f"fp32, length-sorted | {r['before-seconds']:.1f} | "
+                         f"{r['sorted-fp32-seconds']:.1f} | "
+                         f"{r['before-seconds'] / r['sorted-fp32-seconds']:.2f} |")
+            lines.append(f"| seconds per evaluation | {what} | fp32, file order | "
                          f"auto (= {r['auto-resolves-to']}), length-sorted | "
                          f"{r['before-seconds']:.1f} | {r['now-seconds']:.1f} | "
                          f"{r['speed-up']:.2f} |")

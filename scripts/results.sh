@@ -47,7 +47,8 @@ report docs/results/20news-a0.1 results/runs/20news-a0.1
 report docs/results/wnut17-a1 results/runs/wnut17-a1
 report docs/results/squad-a1 results/runs/squad-a1 --rounds 10,20,30,40,50
 # Issue 21: FedLR vs FeDeRA on generative SQuAD with the bundled decoder (SmolLM2-135M)
-report docs/results/squad-gen results/runs/squad-gen --rounds 2,4,8,12,16,20
+report docs/results/squad-gen results/runs/squad-gen --rounds 2,4,8,12,16
+report docs/results/squad-gen-em results/runs/squad-gen --rounds 2,4,8,12,16 --metric exact-match
 # BENCHMARKS.md: exact LoRA aggregation, bf16 transport and bf16 compute vs the main runs, at
 # round 40
 report benchmarks/results/aggregation results/runs/semeval-a1-exact \
