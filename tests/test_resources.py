@@ -10,11 +10,23 @@ def _plan(*overrides, **machine):
     return plan_resources(load_config(None, list(overrides)), **machine)
 
 
-def test_auto_on_a_cpu_is_one_worker_with_every_core():
-    plan = _plan(cores=2, gpus=0)
-    assert (plan.workers, plan.threads, plan.cpus, plan.gpus) == (1, 2, 2, 0.0)
-    plan = _plan(cores=16, gpus=0)
+def test_auto_on_a_cpu_is_one_worker_per_core_within_the_round_and_the_memory():
+    plan = _plan(cores=2, gpus=0, memory_gib=24)  # this project's machine: measured 1.28x
+    assert (plan.workers, plan.threads, plan.cpus, plan.gpus) == (2, 1, 1, 0.0)
+    plan = _plan(cores=16, gpus=0, memory_gib=64)  # no more workers than clients per round
+    assert (plan.workers, plan.threads) == (10, 1)
+    assert (_plan("clients-per-round=1", cores=16, gpus=0, memory_gib=64).workers) == 1
+    plan = _plan(cores=16, gpus=0, memory_gib=4)  # 3/4 of 4 GiB holds one 2-GiB encoder worker
     assert (plan.workers, plan.threads) == (1, 16)
+
+
+def test_auto_gives_a_decoder_fewer_workers_each_holding_its_causal_lm():
+    from fedpeft.federation.resources import WORKER_GIB
+
+    plan = _plan("task=squad-gen", "model=smollm2-135m", cores=16, gpus=0, memory_gib=24)
+    assert plan.workers == int(0.75 * 24 / WORKER_GIB["decoder"]) == 2
+    assert plan.threads == 8
+    assert _plan("task=squad-gen", cores=16, gpus=0, memory_gib=8).workers == 1
 
 
 def test_a_number_of_workers_shares_the_cores_and_threads_win():

@@ -3,11 +3,13 @@
 Each worker (a Ray actor) holds one frozen base model and serves many clients in turn, so more
 workers train more clients at once but each costs a model's memory. ``sim-workers=auto``:
 
-- CPU: one worker with every core. Measured on this project's 2-core machine (AVX512-BF16, bf16
-  autocast, SemEval clients of 80 examples): one worker x 2 threads trained 108 samples/s (the
-  learning-rate grid's runs, docs/results/semeval-a1-lr), two workers x 1 thread 66 samples/s
-  (2 x 33, a demo configuration of 20 clients per round); not side by side in one run, but the
-  same per-client work. Pass ``sim-workers=N`` to try more on a machine with many cores.
+- CPU: one single-threaded worker per core, as many as the round has clients and as the memory
+  holds (``WORKER_GIB`` per worker, within 3/4 of the machine's RAM); each worker gets
+  cores // workers threads. Measured side by side on this project's 2-core machine
+  (``benchmarks/defaults.py``, BENCHMARKS.md section 8: FeDeRA, SemEval, 10 clients of 80 per
+  round, bf16): two workers x 1 thread took 15.8 s per round against 20.3 s for one worker x 2
+  threads (1.28x); torch's intra-op threads scale sublinearly on such small batches, so clients
+  in parallel beat threads in parallel. ``sim-workers=N`` sets it by hand.
 - CUDA: one worker per visible GPU (``sim-gpus-per-worker`` = 1), or 1/share of them per GPU
   when a share is asked for; each gets the cores divided evenly.
 
@@ -22,6 +24,12 @@ from dataclasses import dataclass
 from ..config import RunConfig
 
 
+# Memory one CPU worker may take, measured here (peak RSS of a Ray actor): the bundled encoder's
+# workers stay under 2 GiB; a SmolLM2-135M worker (de-quantised to fp32, AdamW state, generation)
+# reached 8 GiB over a 16-round squad-gen run.
+WORKER_GIB = {"encoder": 2.0, "decoder": 8.0}
+
+
 @dataclass(frozen=True)
 class Resources:
     workers: int
@@ -30,8 +38,8 @@ class Resources:
     gpus: float  # Ray GPUs per worker (0 on CPU)
 
 
-def plan_resources(cfg: RunConfig, cores: int | None = None, gpus: int | None = None
-                   ) -> Resources:
+def plan_resources(cfg: RunConfig, cores: int | None = None, gpus: int | None = None,
+                   memory_gib: float | None = None) -> Resources:
     """The workers of ``cfg``'s simulation on this machine (or on the one described)."""
     cores = cores or os.cpu_count() or 1
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and _gpu_count() > 0)
@@ -42,11 +50,30 @@ def plan_resources(cfg: RunConfig, cores: int | None = None, gpus: int | None = 
     elif gpus:
         workers = max(1, int(round(gpus / share)))
     else:
-        workers = 1
+        memory = memory_gib if memory_gib is not None else _memory_gib()
+        kind = "decoder" if _generative(cfg) else "encoder"
+        fit = max(1, int(0.75 * memory / WORKER_GIB[kind]))
+        workers = max(1, min(cores, cfg.clients_per_round, fit))
     per_worker = max(1, cores // workers)
     threads = cfg.threads or per_worker
     gpu_share = (share if cfg.sim_gpus_per_worker else min(1.0, gpus / workers)) if gpus else 0.0
     return Resources(workers=workers, threads=threads, cpus=per_worker, gpus=gpu_share)
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: plan for one worker
+        return 0.0
+
+
+def _generative(cfg: RunConfig) -> bool:
+    """Whether the task trains a decoder (its workers hold a causal LM)."""
+    from ..tasks import TASKS
+    from ..tasks.generation import GenerationTask
+
+    task = TASKS.get(cfg.task)
+    return task is not None and issubclass(task, GenerationTask)
 
 
 def _gpu_count() -> int:
