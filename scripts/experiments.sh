@@ -8,9 +8,11 @@
 # lane again skips finished runs and resumes interrupted ones from their last round (raise
 # `rounds` and finished runs are extended). All runs train and evaluate with bf16 autocast
 # (precision=bf16: ~2x faster on this machine's CPU, see BENCHMARKS.md), except the fp32
-# reference that measures what bf16 changes. One lane at a time uses every core; run 5's SQuAD
-# part ran as two lanes at once, one method each (THREADS=1 bash scripts/experiments.sh squad
-# fedlr & ... squad federa &): ~20% more rounds per hour here than one 2-thread lane. Then:
+# reference that measures what bf16 changes. One lane at a time: sim-workers=auto already runs
+# one single-threaded worker per core (BENCHMARKS.md section 8). The logged runs of run 5's SQuAD
+# part and of `decoders` ran before that default, as two lanes at once with one thread each
+# (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), which is the same
+# parallelism; with today's default, two lanes at once would put 4 workers on 2 cores. Then:
 #
 #   bash scripts/results.sh      # copy the logs to results/, regenerate the reports
 set -euo pipefail
@@ -115,19 +117,20 @@ case "${1:-}" in
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
     ;;
-  decoders)  # issue 21: FedLR vs FeDeRA on generative SQuAD with the bundled SmolLM2-135M,
+  decoders)  # FedLR vs FeDeRA on generative SQuAD with the bundled SmolLM2-135M,
     # 20 clients (20 questions each), 5 per round, Dir(0.1) over the question clusters, EM/F1 on
-    # 50 seeded test questions every 2 rounds. Measured here (2 busy cores): ~256 s of training
-    # per round (100 questions) + ~55 s per evaluation, so 12 rounds of one method take ~57
-    # minutes: both methods in ~2 hours. DECODER_ROUNDS=n for more. Both at one rate (lr 1e-3,
-    # DECODER_LR; not tuned on decoders). As two 1-thread lanes, one per method:
-    #   THREADS=1 bash scripts/experiments.sh decoders fedlr & ... decoders federa &
-    # Then
-    # `fedpeft report runs/exp/squad-gen/*` for EM/F1 vs round.
+    # 50 seeded test questions every 2 rounds. The committed 16 rounds (docs/results/squad-gen)
+    # ran as two 1-thread lanes at once, one per method, with one worker each (the default then):
+    #   THREADS=1 DECODER_ROUNDS=16 SIM_WORKERS=1 bash scripts/experiments.sh decoders fedlr &
+    #   ... decoders federa &
+    # ~203 s of training per round (100 questions) + ~62 s per evaluation each, 66 minutes for
+    # both. A worker holds ~8 GiB: two lanes of one worker fit in 24 GiB, not more. Both at one
+    # rate (lr 1e-3, DECODER_LR; not tuned on decoders). Then `bash scripts/results.sh`.
     compare squad-gen task=squad-gen model=smollm2-135m num-clients=20 clients-per-round=5 \
       alpha=0.1 "rounds=${DECODER_ROUNDS:-12}" eval-every=2 max-train-samples=400 \
       gen-eval-samples=50 max-new-tokens=24 batch-size=8 eval-batch-size=16 precision=bf16 \
-      progress=false "threads=$THREADS" "lr=${DECODER_LR:-1e-3}" --root runs/exp/squad-gen \
+      progress=false "threads=$THREADS" "sim-workers=${SIM_WORKERS:-auto}" \
+      "lr=${DECODER_LR:-1e-3}" --root runs/exp/squad-gen \
       --methods "${2:-fedlr,federa}"
     ;;
   *)

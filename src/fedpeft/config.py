@@ -144,7 +144,8 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
     sim_workers: str = setting(
         "auto",
         "Ray actors in the simulation, each holding one frozen base model: a number, or auto "
-        "(CPU: one with every core; CUDA: one per GPU)",
+        "(CPU: one single-threaded worker per core, up to clients-per-round and what the memory "
+        "holds; CUDA: one per GPU)",
         resumable=True, structural=False)
     sim_gpus_per_worker: float | None = setting(
         None, "CUDA simulation: GPU share of a worker (e.g. 0.5 = two per GPU); None = 1",

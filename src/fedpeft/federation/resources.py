@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from ..config import RunConfig
 
 
-# Memory one CPU worker may take, measured here (peak RSS of a Ray actor): the bundled encoder's
-# workers stay under 2 GiB; a SmolLM2-135M worker (de-quantised to fp32, AdamW state, generation)
-# reached 8 GiB over a 16-round squad-gen run.
+# Memory one CPU worker may take, measured here: a whole PEFT simulation of the bundled encoder
+# (driver, Ray and one worker) peaked at 2.2-2.4 GB (BENCHMARKS.md section 2); a SmolLM2-135M
+# worker (de-quantised to fp32, AdamW state, generation) reached 8 GiB over a 16-round squad-gen
+# run. A larger encoder, or FedFT on many cores, may need sim-workers=N by hand.
 WORKER_GIB = {"encoder": 2.0, "decoder": 8.0}
 
 
