@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import warnings
 import zlib
@@ -363,6 +364,22 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     with open_text(path) as fh:
         for number, line in enumerate(fh, start=1):
             yield number, line.rstrip("\n")
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed value) of each non-blank line of a JSONL file; a line that is
+    not JSON is a ``DataError`` naming it (the caller checks what the value must be)."""
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, f"expected one JSON object per line: {err.msg} (column "
+                            f"{err.colno})", number) from None
+        except RecursionError:
+            raise DataError(path, "expected one JSON object per line: nested too deeply",
+                            number) from None
 
 
 def undecodable(path: Path, gzipped: bool, err: UnicodeDecodeError) -> DataError:

@@ -13,7 +13,6 @@ budget exactly the paper's and still marks the two nominals for the encoder.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import DataError, Features, Task, find_dataset, numbered_lines, open_text
+from .base import DataError, Features, Task, find_dataset, json_lines, numbered_lines, open_text
 
 
 class ClassificationTask(Task):
@@ -164,14 +163,11 @@ class Newsgroups(ClassificationTask):
         name = f"{split}.jsonl"
         path = find_dataset(self.cfg, "20newsgroups", [name])[name]
         examples = []
-        for number, line in numbered_lines(path):
-            if not line.strip():
-                continue
+        for number, row in json_lines(path):
             try:
-                row = json.loads(line)
                 examples.append({"text": row["text"], "label": row["label_text"],
                                  "label_id": int(row["label"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            except (KeyError, TypeError, ValueError) as err:
                 raise DataError(path, "expected a JSON object with text, label (int) and "
                                 f"label_text: {err}", number) from None
         return examples
@@ -203,17 +199,7 @@ def read_text_file(path: str | Path, text_column: str, label_column: str) -> lis
     name = path.name.removesuffix(".gz")
     rows: list[tuple[int, dict[str, Any]]] = []
     if name.endswith(".jsonl") or name.endswith(".json"):
-        for number, line in numbered_lines(path):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"expected one JSON object per line: {err.msg} (column "
-                                f"{err.colno})", number) from None
-            except RecursionError:
-                raise DataError(path, "expected one JSON object per line: nested too deeply",
-                                number) from None
+        rows = list(json_lines(path))
     elif name.endswith(".csv") or name.endswith(".tsv"):
         rows = _read_delimited(path, "\t" if name.endswith(".tsv") else ",", text_column,
                                label_column)

@@ -10,11 +10,10 @@ SQuAD's questions). Prompts, features, batches and scoring are ``GenerationTask`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, InvalidRecords, numbered_lines
+from .base import DataError, InvalidRecords, json_lines
 from .generation import GenerationTask
 
 LAYOUTS = {  # layout -> (prompt field, optional extra-input field, response field)
@@ -52,17 +51,7 @@ def read_instructions(path: str | Path, layout: str = "auto", partition_field: s
     line and the field."""
     problems = InvalidRecords(path, skip=skip_invalid)
     examples = []
-    for number, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, f"expected one JSON object per line: {err.msg} (column "
-                            f"{err.colno})", number) from None
-        except RecursionError:
-            raise DataError(path, "expected one JSON object per line: nested too deeply",
-                            number) from None
+    for number, record in json_lines(path):
         if not isinstance(record, dict):
             raise DataError(path, f"expected a JSON object, got {type(record).__name__}", number)
         example, problem = _instruction(record, layout)
