@@ -6,10 +6,10 @@
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
 # lane again skips finished runs and resumes interrupted ones from their last round (raise
-# `rounds` and finished runs are extended). All runs train and evaluate with bf16 autocast
-# (precision=bf16: ~2x faster on this machine's CPU, see BENCHMARKS.md), except the fp32
-# reference that measures what bf16 changes. One lane at a time: sim-workers=auto already runs
-# one single-threaded worker per core (BENCHMARKS.md section 8). The logged runs of run 5's SQuAD
+# `rounds` and finished runs are extended). The logged runs trained and evaluated with bf16
+# autocast (precision=bf16: ~2x faster on that machine's AVX512-BF16 CPU, see BENCHMARKS.md),
+# except the fp32 reference that measures what bf16 changes; PRECISION below. One lane at a
+# time: sim-workers=auto already runs one single-threaded worker per core (BENCHMARKS.md section 8). The logged runs of run 5's SQuAD
 # part and of `decoders` ran before that default, as two lanes at once with one thread each
 # (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), which is the same
 # parallelism; with today's default, two lanes at once would put 4 workers on 2 cores. Then:
@@ -19,11 +19,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDPEFT=${FEDPEFT:-.venv/bin/fedpeft}
 THREADS=${THREADS:-0}
+# auto: bf16 on the AVX512-BF16 machine the logged runs used, fp32 on a CPU that only emulates
+# bf16 (14x slower there, BENCHMARKS.md section 3b)
+PRECISION=${PRECISION:-auto}
 mkdir -p runs/exp/logs
 
 # SemEval as in the papers: L=64, 100 clients, 10 per round, Dir(alpha), 100 rounds.
 COMMON=(num-clients=100 clients-per-round=10 eval-every=10 progress=false "threads=$THREADS")
-SEMEVAL=(task=semeval "${COMMON[@]}" slora-stage1-rounds=25 precision=bf16)
+SEMEVAL=(task=semeval "${COMMON[@]}" slora-stage1-rounds=25 "precision=$PRECISION")
 
 compare() {  # compare NAME ARGS...: one `fedpeft compare`, its output in runs/exp/logs/NAME.log
   local name=$1
@@ -34,7 +37,7 @@ compare() {  # compare NAME ARGS...: one `fedpeft compare`, its output in runs/e
 }
 
 squad() {  # SQuAD v1.1 (a subset, L=256 for CPU), at the SemEval grid's rate (no grid here)
-  compare "squad-$1" task=squad "${COMMON[@]}" precision=bf16 alpha=1 rounds=50 lr=5e-3 \
+  compare "squad-$1" task=squad "${COMMON[@]}" "precision=$PRECISION" alpha=1 rounds=50 lr=5e-3 \
     max-length=256 max-train-samples=8000 max-test-samples=1000 --root runs/exp/squad-a1 \
     --methods "$1"
 }
@@ -66,7 +69,7 @@ case "${1:-}" in
     compare semeval-alpha "${SEMEVAL[@]}" "${TUNED[@]}" rounds=100 --root runs/exp/semeval-alpha \
       --methods federa,fedlr --sweep alpha=0.5,10
     # WNUT-2017 (L=64): both at the rate their SemEval grid chose (no grid on this task)
-    compare wnut17 task=wnut17 "${COMMON[@]}" precision=bf16 alpha=1 rounds=100 lr=5e-3 \
+    compare wnut17 task=wnut17 "${COMMON[@]}" "precision=$PRECISION" alpha=1 rounds=100 lr=5e-3 \
       --root runs/exp/wnut17-a1 --methods fedlr,federa
     for rank in 4 64 8 16; do  # the ends first; FedLR's alpha = r at every rank (scaling 1)
       compare semeval-rank "${SEMEVAL[@]}" "${TUNED[@]}" alpha=1 rounds=100 "lora-rank=$rank" \
@@ -76,7 +79,7 @@ case "${1:-}" in
       --methods fedap --sweep adapter-reduction=48,24,6  # bottleneck 8, 16, 64 of 384
     # 20 Newsgroups (L=128 for CPU): the LoRA family at the rate their SemEval grid chose,
     # FedFT at its default (no grid on this task)
-    NEWS=(task=20news max-length=128 "${COMMON[@]}" precision=bf16 alpha=0.1 rounds=100)
+    NEWS=(task=20news max-length=128 "${COMMON[@]}" "precision=$PRECISION" alpha=0.1 rounds=100)
     compare 20news "${NEWS[@]}" lr=5e-3 --root runs/exp/20news-a0.1 --methods fedlr,federa
     compare 20news "${NEWS[@]}" --root runs/exp/20news-a0.1 --methods fedft
     squad fedlr,federa
@@ -128,7 +131,7 @@ case "${1:-}" in
     # rate (lr 1e-3, DECODER_LR; not tuned on decoders). Then `bash scripts/results.sh`.
     compare squad-gen task=squad-gen model=smollm2-135m num-clients=20 clients-per-round=5 \
       alpha=0.1 "rounds=${DECODER_ROUNDS:-12}" eval-every=2 max-train-samples=400 \
-      gen-eval-samples=50 max-new-tokens=24 batch-size=8 eval-batch-size=16 precision=bf16 \
+      gen-eval-samples=50 max-new-tokens=24 batch-size=8 eval-batch-size=16 "precision=$PRECISION" \
       progress=false "threads=$THREADS" "sim-workers=${SIM_WORKERS:-auto}" \
       "lr=${DECODER_LR:-1e-3}" --root runs/exp/squad-gen \
       --methods "${2:-fedlr,federa}"

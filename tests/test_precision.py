@@ -7,7 +7,7 @@ from inprocess import flower_identity  # noqa: F401
 
 from fedpeft.config import ConfigError, RunConfig, load_config
 from fedpeft.federation.runtime import Runtime
-from fedpeft.training import _autocast, local_train, resolve_precision
+from fedpeft.training import _autocast, local_train, resolve_precision, warn_emulated_bf16
 
 
 def test_precision_setting_is_checked():
@@ -26,6 +26,16 @@ def test_autocast_on_cpu_when_asked_or_native(precision, native, enabled, monkey
     with context:
         out = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
     assert (out.dtype == torch.bfloat16) is enabled
+
+
+@pytest.mark.parametrize(("precision", "native", "warns"), [
+    ("bf16", False, True), ("bf16", True, False), ("auto", False, False), ("fp32", False, False)])
+def test_forced_bf16_on_an_emulating_cpu_warns(precision, native, warns, monkeypatch, recwarn):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    warn_emulated_bf16(torch.device("cpu"), precision)
+    messages = [str(w.message) for w in recwarn.list]
+    assert any("emulated" in m and "precision=auto picks fp32" in m for m in messages) is warns
 
 
 def test_auto_follows_what_torch_says_of_this_cpu():

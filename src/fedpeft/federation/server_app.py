@@ -38,7 +38,7 @@ from ..partition import mean_pairwise_js  # noqa: E402
 from ..runlog import RunExistsError, RunLog, as_logged, atomic_write  # noqa: E402
 from ..schedule import client_lr  # noqa: E402
 from ..tracking import check_available, open_tracker  # noqa: E402
-from ..training import resolve_precision  # noqa: E402
+from ..training import resolve_precision, warn_emulated_bf16  # noqa: E402
 from .checkpoint import (  # noqa: E402
     Checkpoint,
     check_resumable,
@@ -79,6 +79,7 @@ def prepare(cfg: RunConfig) -> Runtime:
     check_available(cfg)  # track=...: its library is installed
     set_threads(cfg, server=True)
     runtime = Runtime(cfg)
+    warn_emulated_bf16(runtime.device, cfg.precision)
     runtime.partition()
     runtime.features("test")  # tokenise once, before the clock of round 1 starts
     return runtime
