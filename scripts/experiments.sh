@@ -10,8 +10,8 @@
 # autocast (precision=bf16: ~2x faster on that machine's AVX512-BF16 CPU, see BENCHMARKS.md),
 # except the fp32 reference that measures what bf16 changes; PRECISION below. One lane at a
 # time: sim-workers=auto already runs one single-threaded worker per core (BENCHMARKS.md
-# section 8). The logged runs of run 5's SQuAD part and of `decoders` ran before that default, as two lanes at once with one thread each
-# (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), which is the same
+# section 8). The logged runs of run 5's SQuAD part and of `decoders` ran before that
+# default, as two lanes at once with one thread each (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), which is the same
 # parallelism; with today's default, two lanes at once would put 4 workers on 2 cores. Then:
 #
 #   bash scripts/results.sh      # copy the logs to results/, regenerate the reports
