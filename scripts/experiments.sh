@@ -11,7 +11,8 @@
 # except the fp32 reference that measures what bf16 changes; PRECISION below. One lane at a
 # time: sim-workers=auto already runs one single-threaded worker per core (BENCHMARKS.md
 # section 8). The logged runs of run 5's SQuAD part and of `decoders` ran before that
-# default, as two lanes at once with one thread each (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), which is the same
+# default, as two lanes at once with one thread each
+# (THREADS=1 bash scripts/experiments.sh squad fedlr & ... squad federa &), the same
 # parallelism; with today's default, two lanes at once would put 4 workers on 2 cores. Then:
 #
 #   bash scripts/results.sh      # copy the logs to results/, regenerate the reports
