@@ -32,42 +32,26 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from precision import training_speeds  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from fedpeft.config import load_config  # noqa: E402
 from fedpeft.federation.resources import plan_resources  # noqa: E402
 from fedpeft.federation.runtime import Runtime, set_threads  # noqa: E402
 from fedpeft.runlog import read_rounds  # noqa: E402
-from fedpeft.training import _autocast, batches, predict, resolve_precision  # noqa: E402
+from fedpeft.training import (  # noqa: E402
+    _autocast,
+    batches,
+    predict,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def training(method: str, samples: int, repeats: int) -> dict:
     cfg = load_config(None, ["task=semeval", f"method={method}", "max-length=64",
                              f"max-train-samples={samples}", "max-test-samples=8"])
-    set_threads(cfg)
-    rt = Runtime(cfg)
-    rt.method.make_anchor(rt.model)
-    default = resolve_precision(rt.device, cfg.precision)
-    rows = rt.features("train").rows
-    data = [rt.collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
-    params = [p for p in rt.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
-    rt.model.train()
-
-    def one_pass(precision: str) -> float:
-        start = time.perf_counter()
-        for batch in data:
-            with _autocast(rt.device, precision):
-                loss = rt.model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return len(rows) / (time.perf_counter() - start)
-
-    one_pass("fp32"), one_pass(default)  # warm-up
-    speeds: dict[str, list[float]] = {"fp32": [], "default": []}
-    for _ in range(repeats):
-        speeds["fp32"].append(one_pass("fp32"))
-        speeds["default"].append(one_pass(default))
+    default = resolve_precision(resolve_device(cfg.device), cfg.precision)
+    _, speeds = training_speeds(cfg, {"fp32": "fp32", "default": default}, repeats)
     fp32, auto = statistics.median(speeds["fp32"]), statistics.median(speeds["default"])
     return {"part": "training", "method": method, "auto-resolves-to": default,
             "threads": torch.get_num_threads(), "fp32-samples-per-s": fp32,

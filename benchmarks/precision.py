@@ -23,9 +23,45 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from fedpeft.config import load_config  # noqa: E402
+from fedpeft.config import RunConfig, load_config  # noqa: E402
 from fedpeft.federation.runtime import Runtime, set_threads  # noqa: E402
 from fedpeft.training import _autocast  # noqa: E402
+
+
+def training_speeds(cfg: RunConfig, arms: dict[str, str], repeats: int
+                    ) -> tuple[Runtime, dict[str, list[float]]]:
+    """Training samples/s of ``cfg``'s method on its train rows, for each arm ``label ->
+    precision``: one warm-up pass per arm, then ``repeats`` rounds of one pass per arm in turn
+    over the same batches (a machine busy with other work slows every arm alike)."""
+    set_threads(cfg)
+    rt = Runtime(cfg)
+    rt.method.make_anchor(rt.model)
+    rows = rt.features("train").rows
+    data = [rt.collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+    params = [p for p in rt.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    rt.model.train()
+
+    def one_pass(precision: str) -> float:
+        start = time.perf_counter()
+        for batch in data:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with _autocast(rt.device, precision):
+                loss = rt.model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(rows) / (time.perf_counter() - start)
+
+    for precision in arms.values():  # warm-up
+        one_pass(precision)
+    speeds: dict[str, list[float]] = {label: [] for label in arms}
+    for _ in range(repeats):
+        for label, precision in arms.items():
+            speeds[label].append(one_pass(precision))
+    return rt, speeds
 
 
 def main() -> None:
@@ -45,34 +81,7 @@ def main() -> None:
             cfg = load_config(None, [f"task={task}", f"method={method}", f"max-length={length}",
                                      f"max-train-samples={args.samples}", "max-test-samples=8",
                                      f"threads={args.threads}", f"device={args.device}"])
-            set_threads(cfg)
-            rt = Runtime(cfg)
-            rt.method.make_anchor(rt.model)
-            rows = rt.features("train").rows
-            batches = [rt.collate(rows[i:i + cfg.batch_size])
-                       for i in range(0, len(rows), cfg.batch_size)]
-            params = [p for p in rt.model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-6)
-            rt.model.train()
-
-            def one_pass(precision: str) -> float:
-                start = time.perf_counter()
-                for batch in batches:
-                    batch = {k: v.to(rt.device) for k, v in batch.items()}
-                    with _autocast(rt.device, precision):
-                        loss = rt.model(**batch).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                return len(rows) / (time.perf_counter() - start)
-
-            one_pass("fp32"), one_pass("bf16")  # warm-up
-            speeds: dict[str, list[float]] = {"fp32": [], "bf16": []}
-            for _ in range(args.repeats):
-                for precision in ("fp32", "bf16"):
-                    speeds[precision].append(one_pass(precision))
+            rt, speeds = training_speeds(cfg, {"fp32": "fp32", "bf16": "bf16"}, args.repeats)
             row = {"task": task, "max-length": int(length), "method": method,
                    "device": str(rt.device), "threads": torch.get_num_threads(),
                    "fp32-samples-per-s": statistics.median(speeds["fp32"]),

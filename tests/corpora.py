@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fedpeft.config import RunConfig
-from fedpeft.tasks.base import REPO_SHARED_DATA
+from fedpeft.tasks.files import REPO_SHARED_DATA
 
 FIXTURE_DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 FIXTURE_OVERRIDE = f"data-dir={FIXTURE_DATA}"  # for load_config(None, [...]) overrides

@@ -12,8 +12,8 @@ from corpora import fixture_config, needs_corpus
 
 from fedpeft.config import RunConfig
 from fedpeft.tasks import DataError, make_task
-from fedpeft.tasks.base import PACKAGE_DATA, find_dataset
 from fedpeft.tasks.classification import SEMEVAL_LABELS, read_semeval, read_text_file
+from fedpeft.tasks.files import PACKAGE_DATA, find_dataset
 
 
 def test_semeval_full_counts_and_labels():

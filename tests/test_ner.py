@@ -16,7 +16,7 @@ from fedpeft.config import RunConfig
 from fedpeft.methods import METHODS
 from fedpeft.models import load_tokenizer
 from fedpeft.tasks import DataError, make_task
-from fedpeft.tasks.base import PACKAGE_DATA, find_dataset
+from fedpeft.tasks.files import PACKAGE_DATA, find_dataset
 from fedpeft.tasks.ner import (
     PLONER_MAP,
     entity_scores,

@@ -4,8 +4,9 @@ generation, instructions)."""
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
-from .base import DataError, Features, Task
+from .base import Features, Task
 from .classification import Newsgroups, SemEval, TextFiles
+from .files import DataError
 from .generation import SquadGen
 from .instructions import InstructFiles
 from .ner import ConllFiles, Ploner, Wnut17

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import DataError, Features, Task, find_dataset, json_lines, numbered_lines, open_text
+from .base import Features, Task
+from .files import DataError, find_dataset, json_lines, numbered_lines, open_text
 
 
 class ClassificationTask(Task):

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from ..training import _autocast
-from .base import DataError, Features, InvalidRecords, Task
+from .base import Features, Task
+from .files import DataError, InvalidRecords
 from .qa import CLUSTERS, question_clusters, squad_scores, squad_split
 
 SQUAD_INSTRUCTION = ("Answer the question with a short span copied from the context. Reply "

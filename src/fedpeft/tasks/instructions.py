@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, InvalidRecords, json_lines
+from .files import DataError, InvalidRecords, json_lines
 from .generation import GenerationTask
 
 LAYOUTS = {  # layout -> (prompt field, optional extra-input field, response field)

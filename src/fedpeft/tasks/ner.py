@@ -35,15 +35,8 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import (
-    DataError,
-    Features,
-    InvalidRecords,
-    Task,
-    find_dataset,
-    numbered_lines,
-    per_source_f1,
-)
+from .base import Features, Task, per_source_f1
+from .files import DataError, InvalidRecords, find_dataset, numbered_lines
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 WNUT17_TYPES = ["corporation", "creative-work", "group", "location", "person", "product"]

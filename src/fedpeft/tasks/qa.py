@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ..training import predict
-from .base import DataError, Features, InvalidRecords, Task, find_dataset, open_text, per_source_f1
+from .base import Features, Task, per_source_f1
+from .files import DataError, InvalidRecords, find_dataset, open_text
 
 SPLIT_SEED = 0  # fixed: the article split, hence the test set, is the same for every run
 SQUAD_TEST_ARTICLES = 16  # of the 48 dev articles
