@@ -1,7 +1,8 @@
 """Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
 typed by hand): ``.venv/bin/python benchmarks/tables.py
 [throughput|memory|precision|defaults|REPORT]``,
-or ``... tables.py peer [FILE]`` (default ``peer.json``).
+or ``... tables.py peer [FILE]`` (default ``peer.json``); ``throughput``, ``memory``,
+``precision`` and ``defaults`` also take result files (in benchmarks/results/) to tabulate.
 
 ``REPORT`` is a path to a ``fedpeft report`` REPORT.md: its first table (the per-method table),
 or the first after a line containing a second argument, is printed as is.
@@ -16,10 +17,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def throughput() -> list[str]:
+def throughput(*names: str) -> list[str]:
     lines = ["| task:L | method | bare samples/s | local_train | federated | ratio | round seconds |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for name in ("throughput-main.json", "throughput-fedft-semeval-5rounds.json"):
+    for name in names or ("throughput-main.json", "throughput-fedft-semeval-5rounds.json"):
         for r in json.loads((RESULTS / name).read_text()):
             label = r["method"] + (f" ({len(r['round-seconds'])} rounds)" if "5rounds" in name
                                    else "")
@@ -38,10 +39,10 @@ def memory(name: str = "memory.json") -> list[str]:
     return lines
 
 
-def precision() -> list[str]:
+def precision(name: str = "precision.json") -> list[str]:
     lines = ["| task:L | method | threads | fp32 samples/s | bf16 samples/s | speed-up |",
              "|---|---|---:|---:|---:|---:|"]
-    for r in json.loads((RESULTS / "precision.json").read_text()):
+    for r in json.loads((RESULTS / name).read_text()):
         lines.append(f"| {r['task']}:{r['max-length']} | {r['method']} | {r['threads']} | "
                      f"{r['fp32-samples-per-s']:.1f} | {r['bf16-samples-per-s']:.1f} | "
                      f"{r['speed-up']:.2f} |")
@@ -116,7 +117,7 @@ def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "throughput"
     tables = {"throughput": throughput, "precision": precision, "defaults": defaults}
     if what in tables:
-        out = tables[what]()
+        out = tables[what](*sys.argv[2:])
     elif what.startswith("memory"):
         out = memory(*(sys.argv[2:3]))
     elif what == "peer":
