@@ -8,4 +8,4 @@ demo: install  ## the main job: federated FeDeRA vs FedLR on SemEval (embedded d
 	.venv/bin/fedpeft compare
 
 test: install  ## the test suite (offline, tiny random models + end-to-end Flower runs)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python -m pytest -q --durations=15
