@@ -105,6 +105,10 @@ def test_a_group_checks_its_own_fields_alone_and_inside_a_run():
         SLoRAConfig(slora_density=1.5).check_slora()
     with pytest.raises(ConfigError, match=r"slora-stage1-rounds must be in \[1, rounds=4\], got 5"):
         load_config(None, ["method=slora", "rounds=4", "slora-stage1-rounds=5"])
+    with pytest.raises(ConfigError, match=r"slora-stage1-rounds must be in \[1, rounds=4\], got 0"):
+        load_config(None, ["method=federa", "rounds=4", "slora-stage1-rounds=0"])
+    # another method ignores SLoRA's switch (one `compare` shares it over its methods)
+    assert load_config(None, ["method=federa", "rounds=4", "slora-stage1-rounds=5"]).rounds == 4
     with pytest.raises(ConfigError, match="lora-init=svd applies to method="):
         load_config(None, ["method=fedlr", "lora-init=svd"])
     assert load_config(None, ["method=slora", "rounds=8"]).resolved().slora_stage1_rounds == 2

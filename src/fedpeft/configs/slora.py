@@ -25,7 +25,10 @@ class SLoRAConfig:
         if not 0.0 < self.slora_density <= 1.0:
             raise ConfigError(f"slora-density must be in (0, 1], got {self.slora_density}")
         r1, rounds = self.slora_stage1_rounds, getattr(self, "rounds", None)
-        if r1 is not None and not (1 <= r1 and (rounds is None or r1 <= rounds)):
+        # the upper bound only where SLoRA runs: a `compare` over several methods shares one
+        # slora-stage1-rounds, and a shorter run of another method ignores it
+        slora = getattr(self, "method", "slora") == "slora"
+        if r1 is not None and not (1 <= r1 and (rounds is None or not slora or r1 <= rounds)):
             raise ConfigError(f"slora-stage1-rounds must be in [1, rounds={rounds}], got {r1}")
         if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
             raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
