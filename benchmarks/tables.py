@@ -81,7 +81,7 @@ def defaults(name: str = "defaults.json") -> list[str]:
 
 
 def peer(name: str = "peer.json") -> list[str]:
-    """Section 7: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
+    """Section 9: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
     file in benchmarks/results/ or a path."""
     path = Path(name) if Path(name).exists() else RESULTS / name
     data = json.loads(path.read_text())
