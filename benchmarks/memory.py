@@ -65,16 +65,19 @@ def main() -> None:
     parser.add_argument("--methods", default="fedlr,federa,fedft")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--sim-workers", default="1", help="simulation workers of both runs "
+                        "(default 1: the 1-client run has one; each worker holds a model)")
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):
-        row = {"method": method}
+        row = {"method": method, "sim-workers": args.sim_workers}
         for clients, per_round in ((1, 1), (100, 10)):
             with tempfile.TemporaryDirectory() as tmp:
                 peak, seconds = peak_rss([
                     f"method={method}", f"num-clients={clients}",
                     f"clients-per-round={per_round}", "rounds=2", "max-train-samples=800",
                     "max-test-samples=64", "progress=false", f"threads={args.threads}",
+                    f"sim-workers={args.sim_workers}",
                     f"out={tmp}/run"])
             row[f"peak-rss-mb-{clients}-clients"] = peak / 2**20
             row[f"seconds-{clients}-clients"] = seconds

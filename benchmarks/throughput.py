@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--settings", default="semeval:64,20news:128")
     parser.add_argument("--samples-per-client", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3, help="simulated rounds (>= 2)")
+    parser.add_argument("--sim-workers", default="1", help="simulation workers of the federated "
+                        "arm (default 1: like the bare loop, one process with every core; more "
+                        "workers train clients in parallel, which is not federation overhead)")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args()
     results = []
@@ -96,6 +99,7 @@ def main() -> None:
                 "clients-per-round=2", f"rounds={args.rounds}", "eval-every=1000",
                 "max-test-samples=16",
                 f"max-train-samples={4 * args.samples_per_client}", "alpha=100",
+                f"sim-workers={args.sim_workers}",
             ])
             bare = bare_samples_per_second(cfg)
             loop = loop_samples_per_second(cfg)
@@ -107,7 +111,7 @@ def main() -> None:
                    "round-split": [{k: r.get(k) for k in ("seconds-train", "seconds-clients",
                                                           "seconds-handlers", "seconds-aggregate",
                                                           "seconds-eval")} for r in rounds],
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "sim-workers": args.sim_workers}
             print(json.dumps(row), flush=True)
             results.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
