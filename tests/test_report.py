@@ -321,3 +321,24 @@ def test_budget_sweep_shows_the_trainable_parameters_of_each_setting(tmp_path):
     # One method, nothing varying: no sweep section.
     assert "FeDeRA Fig. 6" in report
     assert "final accuracy vs" not in build_report([tmp_path / "fedlr-r4"]).read_text()
+
+
+def test_dp_runs_get_their_privacy_spent_beside_the_metric(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, "federa-dp", "federa", {4: 0.2}, summary={"privacy": {
+        "epsilon": 12.3456, "delta": 0.00631, "releases": 4}}, **{
+        "dp": "client-fixed", "dp-noise-multiplier": 0.3, "dp-clipping-norm": 1.0,
+        "clients-per-round": 2})
+    unfinished = make_run(runs, "federa-dp-adaptive", "federa", {4: 0.25}, **{
+        "dp": "client-adaptive", "dp-noise-multiplier": 0.3, "dp-clipping-norm": 0.1})
+    make_run(runs, "federa-plain", "federa", {4: 0.5}, summary={})
+    text = build_report([runs]).read_text()
+    section = text.split("differential privacy spent")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| federa")]
+    assert len(rows) == 2  # the run without DP is not in the table
+    assert rows[0].endswith("| 0 | client-fixed | 0.3 | 1.0 | 2 | 4 | 12.35 | 0.00631 | 4 "
+                            "| 0.2000 |")
+    # the unfinished adaptive run has no summary and logged no epsilon
+    assert rows[1].endswith("| client-adaptive | 0.3 | 0.1 | 10 | 4 | none: not logged | - | - "
+                            "| 0.2500 |")
+    assert unfinished.name in text

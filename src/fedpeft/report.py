@@ -133,6 +133,13 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
             lines += [f"![{metric} vs {name}]({file})", ""]
     lines += _sweep_section(task, groups, metric, folder, prefix, plots)
     lines += _local_section(task, groups, metric, folder, prefix, plots)
+    if any(run.config.get("dp", "none") != "none" for g in groups for run in g.runs):
+        lines += [f"## {task}: differential privacy spent", "",
+                  "Each DP run's mechanism and the privacy it spent: epsilon at delta over the "
+                  "aggregated rounds (`releases`), from Flower's RDP accountant, each round an "
+                  "unamplified Gaussian release (client sampling not credited), so an upper "
+                  "bound; or why no epsilon is reported (docs/strategies.md).", "",
+                  tables.privacy_table(groups, metric), ""]
     goal: float | None = None
     if target is not None:
         goal, origin = float(target), "given with --target"

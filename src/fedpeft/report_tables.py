@@ -355,3 +355,35 @@ def local_table(groups: Sequence[Group], metric: str) -> str:
                                  for k in ("mean", "std", "worst-10%", "min")),
                                fmt_mean_std([r.final(metric) for r in g.runs])]))
     return "\n".join(lines)
+
+
+# --- differential privacy (dp=...; federation/strategies/dp.py) --------------------------------
+def privacy_spent(run: Run) -> dict[str, Any] | None:
+    """What a DP run spent: the summary's ``privacy`` once finished, else the last round's."""
+    if run.summary and run.summary.get("privacy"):
+        return dict(run.summary["privacy"])
+    logged = [r["privacy"] for r in run.rounds if r.get("privacy")]
+    return dict(logged[-1]) if logged else None
+
+
+def privacy_table(groups: Sequence[Group], metric: str) -> str:
+    """Per DP run: the mechanism's settings, the privacy spent (epsilon at delta, over the
+    releases so far) or why none is reported, beside the final metric."""
+    columns = ["method", "seed", "dp", "noise multiplier", "clipping norm", "clients / round",
+               "rounds", "epsilon", "delta", "releases", f"final {metric}"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        for run in g.runs:
+            if run.config.get("dp", "none") == "none":
+                continue
+            spent = privacy_spent(run) or {}
+            epsilon = (f"{spent['epsilon']:.2f}" if "epsilon" in spent
+                       else f"none: {spent.get('note', 'not logged')}")
+            final = run.final(metric)
+            lines.append(_row([
+                g.label, str(run.config.get("seed", 0)), str(run.config["dp"]),
+                f"{run.config.get('dp-noise-multiplier')}", f"{run.config.get('dp-clipping-norm')}",
+                str(run.config.get("clients-per-round", "")), str(len(run.rounds)), epsilon,
+                f"{spent['delta']:.3g}" if "delta" in spent else "-",
+                str(spent.get("releases", "-")), "-" if final is None else f"{final:.4f}"]))
+    return "\n".join(lines)
