@@ -49,6 +49,14 @@ report docs/results/squad-a1 results/runs/squad-a1 --rounds 10,20,30,40,50
 # Issue 21: FedLR vs FeDeRA on generative SQuAD with the bundled decoder (SmolLM2-135M)
 report docs/results/squad-gen results/runs/squad-gen --rounds 2,4,8,12,16
 report docs/results/squad-gen-em results/runs/squad-gen --rounds 2,4,8,12,16 --metric exact-match
+# Issue 18: Flower's strategies for FedLR and FeDeRA at Dir(0.1), 50 rounds, once the lane's
+# runs exist (its FedAvg runs repeat the first 50 rounds of semeval-alpha's alpha=0.1 runs)
+report docs/results/strategies results/runs/strategies/fedprox results/runs/strategies/fedavg \
+  results/runs/strategies/fedavgm results/runs/strategies/fedadam --rounds 10,20,30,40,50
+# ... and one client-side DP run beside the same FeDeRA without DP (semeval-alpha's Dir(0.1)
+# run: same settings, bf16 on the AVX512-BF16 machine), at its 20 rounds
+report docs/results/strategies-dp results/runs/strategies/dp \
+  results/runs/semeval-alpha/federa-alpha0.1-s0 --up-to 20 --rounds 10,20
 # BENCHMARKS.md: exact LoRA aggregation, bf16 transport and bf16 compute vs the main runs, at
 # round 40
 report benchmarks/results/aggregation results/runs/semeval-a1-exact \
