@@ -147,7 +147,7 @@ def test_a_folder_or_a_missing_file_instead_of_a_file(tmp_path, capsys, task):
 
 
 def test_an_unreadable_file(tmp_path, capsys, monkeypatch):
-    import fedpeft.tasks.base as base
+    import fedpeft.tasks.files as files
 
     path = tmp_path / "locked.csv"
     path.write_text(GOOD_CSV)
@@ -155,7 +155,7 @@ def test_an_unreadable_file(tmp_path, capsys, monkeypatch):
     def denied(file, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(base, "open", denied, raising=False)
+    monkeypatch.setattr(files, "open", denied, raising=False)
     code = main(["partition", "task=text-files", f"train-file={path}", *SMALL])
     error_line(code, capsys.readouterr().err, str(path), "permission denied")
 
