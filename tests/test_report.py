@@ -250,6 +250,19 @@ def test_round_time_split_by_hand(tmp_path):
     assert "where a round's time goes" in text
 
 
+def test_round_time_of_parallel_workers_is_not_split(tmp_path):
+    """Two workers: the clients' handler seconds (2 x 9 s) exceed the 11 s train phase; the
+    sums are shown as sums, and no transport time or training share is made up."""
+    run = make_run(tmp_path, "fedlr-s0", "fedlr", {4: 0.5}, summary={}, split=True)
+    lines = (run / "rounds.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        record.update({"seconds-clients": 16.0, "seconds-handlers": 18.0})
+    (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = round_time_table(group_runs(find_runs([tmp_path])))
+    assert "| fedlr | 3 | 11.1 | 16.00 (sum) | 2.00 (sum) | - | 0.10 | - | 0.9 |" in table
+
+
 def test_up_to_compares_runs_of_different_lengths_at_equal_rounds(tmp_path):
     make_run(tmp_path, "federa-long", "federa", {2: 0.4, 4: 0.6, 6: 0.9}, rounds=6, summary={})
     make_run(tmp_path, "federa-exact", "federa", {2: 0.5, 4: 0.7}, rounds=4,

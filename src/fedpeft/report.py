@@ -168,8 +168,10 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
                   "clients), the rest of their train handlers (decode/encode), transport + server "
                   "(serialisation, Flower/Ray messaging, validation of updates) and aggregation; "
                   "then the seconds of one evaluation of the global model. Exact with one "
-                  "simulation worker; with several, clients overlap and the client columns "
-                  "exceed wall time.", "",
+                  "simulation worker; with several, clients train at once: where their handlers "
+                  "outlast the train phase, the client columns are sums over the clients "
+                  "(`(sum)`), not wall time, and transport + server and the training share "
+                  "cannot be derived (`-`).", "",
                   timing, ""]
     drifting = [g for g in groups if any(r.get("drift") for run in g.runs for r in run.rounds)]
     if drifting:
