@@ -25,6 +25,24 @@ THREADS=${THREADS:-0}
 PRECISION=${PRECISION:-auto}
 mkdir -p runs/exp/logs
 
+# A fresh checkout has no runs/exp/, only the logs scripts/results.sh committed under results/runs.
+# A committed run that finished (it has summary.json) and has no folder under runs/exp/ yet is
+# copied there, so the lane counts it as done ("finished, not redone": `fedpeft compare` checks
+# its saved config against the job's) and a lane spread over several machines or sessions
+# only trains what is still missing. Unfinished runs are not copied: their checkpoints are not
+# committed, so they start again. RESTORE=0 skips this.
+if [[ "${RESTORE:-1}" != 0 && -d results/runs ]]; then
+  (cd results/runs && find . -name summary.json -printf '%h\n') | while read -r run; do
+    if [ ! -e "runs/exp/$run" ]; then
+      mkdir -p "runs/exp/$run"
+      cp results/runs/"$run"/{config.toml,rounds.jsonl,summary.json} "runs/exp/$run/"
+      if [ -f "results/runs/$run/partition.json" ]; then
+        cp "results/runs/$run/partition.json" "runs/exp/$run/"
+      fi
+    fi
+  done
+fi
+
 # SemEval as in the papers: L=64, 100 clients, 10 per round, Dir(alpha), 100 rounds.
 COMMON=(num-clients=100 clients-per-round=10 eval-every=10 progress=false "threads=$THREADS")
 SEMEVAL=(task=semeval "${COMMON[@]}" slora-stage1-rounds=25 "precision=$PRECISION")
@@ -89,17 +107,17 @@ case "${1:-}" in
     # the clients' rate the FedAvg grid chose on validation (5e-3); server settings: FedAvgM at
     # FedAvg's effective step (server-lr = 1 - momentum, Hsu et al. 2019), FedProx mu=0.01 (Li
     # et al. 2020's grid), FedAdam's server rate from {1e-3, 1e-2} chosen on validation.
-    # `strategies dp` runs the DP line alone. FedAvg's 50 rounds are also the first 50 of the
-    # committed semeval-alpha alpha=0.1 runs (same settings, 100 rounds, bf16).
+    # `strategies dp` runs the DP line alone. FedAvg runs last: its 50 rounds are also the first
+    # 50 of the committed semeval-alpha alpha=0.1 runs (same settings, 100 rounds, bf16).
     STRAT=("${SEMEVAL[@]}" lr=5e-3 valid-fraction=0.1 alpha=0.1 rounds=50)
     if [[ "${2:-all}" != dp ]]; then
-      compare strategies "${STRAT[@]}" --root runs/exp/strategies/fedavg --methods fedlr,federa
       compare strategies "${STRAT[@]}" strategy=fedprox proximal-mu=0.01 \
         --root runs/exp/strategies/fedprox --methods fedlr,federa
       compare strategies "${STRAT[@]}" strategy=fedavgm server-lr=0.1 server-momentum=0.9 \
         --root runs/exp/strategies/fedavgm --methods fedlr,federa
       compare strategies "${STRAT[@]}" strategy=fedadam --sweep server-lr=1e-3,1e-2 \
         --root runs/exp/strategies/fedadam --methods fedlr,federa
+      compare strategies "${STRAT[@]}" --root runs/exp/strategies/fedavg --methods fedlr,federa
     fi
     compare strategies-dp "${STRAT[@]}" rounds=20 dp=client-fixed dp-noise-multiplier=0.3 \
       dp-clipping-norm=1.0 --root runs/exp/strategies/dp --methods federa
