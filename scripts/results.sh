@@ -59,7 +59,7 @@ if [ ! -e results/runs/strategies/fedavg ]; then
 fi
 report docs/results/strategies results/runs/strategies/fedprox "${fedavg[@]}" \
   results/runs/strategies/fedavgm results/runs/strategies/fedadam --up-to 50 \
-  --rounds 10,20,30,40,50
+  --rounds 10,20,30,40,50 --choose server-lr
 # ... and one client-side DP run beside the same FeDeRA without DP (semeval-alpha's Dir(0.1)
 # run: same settings, bf16 on the AVX512-BF16 machine), at its 20 rounds
 report docs/results/strategies-dp results/runs/strategies/dp \

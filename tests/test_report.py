@@ -117,6 +117,23 @@ def test_learning_rate_chosen_on_validation_not_test(tmp_path):
         [group], "accuracy", [])
 
 
+def test_a_server_rate_is_chosen_on_validation_when_asked(tmp_path):
+    for name, server_lr, test, valid in (("a", 1e-3, 0.9, 0.3), ("b", 1e-2, 0.4, 0.5)):
+        make_run(tmp_path, name, "fedlr", {4: test}, lr=5e-3, valid={4: valid}, summary={},
+                 strategy="fedadam", **{"server-lr": server_lr, "valid-fraction": 0.1})
+    make_run(tmp_path, "avg", "fedlr", {4: 0.6}, lr=5e-3, valid={4: 0.7}, summary={},
+             **{"valid-fraction": 0.1})
+    # without --choose, both server rates are rows of their own
+    assert len(group_runs(find_runs([tmp_path]))) == 3
+    groups = group_runs(find_runs([tmp_path]), choose=["server-lr"])
+    fedadam = [g for g in groups if g.settings.get("strategy") == "fedadam"]
+    assert [g.settings["server-lr"] for g in fedadam] == [1e-2]  # best valid, not best test
+    assert fedadam[0].lr_note == "server-lr chosen on valid-accuracy from 2"
+    assert len(groups) == 2
+    with pytest.raises(ValueError, match="--choose server-rate: not a setting"):
+        build_report([tmp_path], out=tmp_path / "report", choose=["server-rate"])
+
+
 def test_rates_without_validation_are_kept_side_by_side(tmp_path):
     make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3)
     make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3)

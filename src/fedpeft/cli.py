@@ -202,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--up-to", type=int, default=None, metavar="ROUND",
                         help="read rounds 1..ROUND of every run only (compare runs of different "
                              "lengths at an equal number of rounds)")
+    report.add_argument("--choose", action="append", default=[], metavar="SETTING",
+                        help="besides lr, a setting to choose on the validation split among runs "
+                             "that differ only in it, e.g. server-lr (repeatable)")
     report.set_defaults(func=_report, overrides=[])
     paper = sub.add_parser("paper", parents=[common], help="our runs beside the FeDeRA paper's "
                            "tables, its claims checked, and which method to use (one page)")
@@ -246,7 +249,8 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} is a file; expected a folder for REPORT.md")
     path = build_report(args.run_dirs, out=out, target=args.target,
                         bandwidth_mbit=args.bandwidth_mbit, rounds=parse_rounds(args.rounds),
-                        metric=args.metric, command=report_command(args), up_to=args.up_to)
+                        metric=args.metric, command=report_command(args), up_to=args.up_to,
+                        choose=args.choose)
     print(f"wrote {path} and its figures")
     return 0
 

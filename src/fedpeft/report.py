@@ -29,6 +29,7 @@ import numpy as np
 
 from . import report_plots
 from . import report_tables as tables
+from .config import RunConfig
 from .partition import mean_pairwise_js
 from .report_model import (
     DEFAULTS,
@@ -65,6 +66,8 @@ def parse_rounds(text: str | None) -> list[int] | None:
 def report_command(args: Any) -> str:
     """The ``fedpeft report`` command line that ``args`` (argparse) stands for."""
     parts = ["fedpeft report", *map(str, args.run_dirs)]
+    for key in getattr(args, "choose", None) or []:
+        parts.append(f"--choose {key}")
     for name in ("out", "target", "bandwidth_mbit", "rounds", "metric", "up_to"):
         value = getattr(args, name, None)
         if value is not None and not (name == "bandwidth_mbit" and value == 25.0):
@@ -77,13 +80,19 @@ def report_command(args: Any) -> str:
 def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
                  target: float | None = None, bandwidth_mbit: float = 25.0,
                  rounds: Sequence[int] | None = None, metric: str | None = None,
-                 command: str = "", up_to: int | None = None) -> Path:
+                 command: str = "", up_to: int | None = None,
+                 choose: Sequence[str] = ()) -> Path:
     """Read every run under ``paths``, write ``REPORT.md`` and its PNGs into ``out`` (default:
     ``report/`` beside the runs) and return the report's path.
 
     ``up_to``: read only rounds 1..up_to of every run, as if each had been planned for at most
     that many rounds (compares runs of different lengths at an equal budget; the summaries'
-    totals are then not used for the tables)."""
+    totals are then not used for the tables). ``choose``: settings besides ``lr`` to choose on
+    the validation split among runs that differ only in them (e.g. ``server-lr``)."""
+    known = RunConfig().to_dict()
+    for key in choose:
+        if key not in known:
+            raise ValueError(f"--choose {key}: not a setting (see `fedpeft run --help-config`)")
     runs = find_runs(paths)
     if up_to is not None:
         runs = [truncate(r, up_to) for r in runs]
@@ -105,7 +114,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
         task_runs = [r for r in usable if r.task == task]
         prefix = f"{task}-" if len(tasks) > 1 else ""
         lines += _task_section(task, task_runs, folder, prefix, plots, target, bandwidth_mbit,
-                               rounds, metric)
+                               rounds, metric, choose)
     lines += _heterogeneity_section(usable, folder, plots)
     lines += _runs_section(runs)
     report = folder / "REPORT.md"
@@ -115,9 +124,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None,
 
 def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: bool,
                   target: float | None, bandwidth_mbit: float, rounds: Sequence[int] | None,
-                  metric: str | None) -> list[str]:
+                  metric: str | None, choose: Sequence[str] = ()) -> list[str]:
     metric = metric or runs[0].metric()
-    groups = group_runs(runs)
+    groups = group_runs(runs, choose)
     at = list(rounds) if rounds else tables.default_rounds(runs, metric)
     lines = [f"## {task}: {metric} per method (FeDeRA Table 2)", "",
              f"Test {metric}, mean ± sample std over seeds (`seeds` runs per row); `@r`: the "

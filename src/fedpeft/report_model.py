@@ -178,15 +178,16 @@ def truncate(run: Run, up_to: int) -> Run:
     return dataclasses.replace(run, config=config, rounds=rounds)
 
 
-def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Seed groups, learning rates chosen on validation where possible, labelled and ordered."""
+def group_runs(runs: Sequence[Run], choose: Sequence[str] = ()) -> list[Group]:
+    """Seed groups, learning rates (and the ``choose`` settings, e.g. ``server-lr``) chosen on
+    validation where possible, labelled and ordered."""
     groups: dict[tuple[tuple[str, Any], ...], Group] = {}
     for run in runs:
         settings = {k: v for k, v in run.config.items() if k not in NOT_RESULTS}
         settings["lr"] = run.lr  # the rate actually used (the method default when unset)
         key = tuple(sorted((k, hashable(v)) for k, v in settings.items()))
         groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
-    kept = _choose_learning_rates(list(groups.values()))
+    kept = _choose_on_validation(list(groups.values()), ("lr", *choose))
     varying = varying_settings(kept)
     for g in kept:
         g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in varying)])
@@ -207,12 +208,13 @@ def varying_settings(groups: Sequence[Group]) -> list[str]:
                    and len({hashable(h.settings.get(k)) for h in groups}) > 1})
 
 
-def _choose_learning_rates(groups: list[Group]) -> list[Group]:
-    """Among groups that differ only in ``lr``, keep the best final ``valid-<metric>`` (mean
+def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) -> list[Group]:
+    """Among groups that differ only in the settings ``keys`` (the clients' ``lr``, and any
+    other asked for, e.g. FedAdam's ``server-lr``), keep the best final ``valid-<metric>`` (mean
     over seeds) once every run has finished with one; until then keep them all."""
     families: dict[tuple, list[Group]] = {}
     for g in groups:
-        families.setdefault(tuple(kv for kv in g.key if kv[0] != "lr"), []).append(g)
+        families.setdefault(tuple(kv for kv in g.key if kv[0] not in keys), []).append(g)
     kept = []
     for family in families.values():
         metric = family[0].runs[0].metric()
@@ -222,7 +224,9 @@ def _choose_learning_rates(groups: list[Group]) -> list[Group]:
             kept.extend(family)
             continue
         best = max(range(len(family)), key=lambda i: float(np.mean(scores[i])))
-        family[best].lr_note = f"chosen on valid-{metric} from {len(family)}"
+        chosen = [k for k in keys if len({hashable(g.settings.get(k)) for g in family}) > 1]
+        what = "" if chosen == ["lr"] else " and ".join(chosen) + " "
+        family[best].lr_note = f"{what}chosen on valid-{metric} from {len(family)}"
         kept.append(family[best])
     return kept
 
