@@ -134,6 +134,17 @@ def test_a_server_rate_is_chosen_on_validation_when_asked(tmp_path):
         build_report([tmp_path], out=tmp_path / "report", choose=["server-rate"])
 
 
+def test_a_tie_on_validation_keeps_the_tied_settings_side_by_side(tmp_path):
+    for name, server_lr, test, valid in (("a", 1e-3, 0.9, 0.5), ("b", 1e-2, 0.4, 0.5),
+                                         ("c", 1e-1, 0.8, 0.2)):
+        make_run(tmp_path, name, "fedlr", {4: test}, lr=5e-3, valid={4: valid}, summary={},
+                 strategy="fedadam", **{"server-lr": server_lr, "valid-fraction": 0.1})
+    groups = group_runs(find_runs([tmp_path]), choose=["server-lr"])
+    assert [g.settings["server-lr"] for g in groups] == [1e-3, 1e-2]  # not the best test one
+    assert [g.lr_note for g in groups] == ["server-lr tied on valid-accuracy: 2 of 3"] * 2
+    assert [g.label for g in groups] == ["fedlr server-lr=0.001", "fedlr server-lr=0.01"]
+
+
 def test_rates_without_validation_are_kept_side_by_side(tmp_path):
     make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3)
     make_run(tmp_path, "lr2", "fedlr", {4: 0.5}, lr=2e-3)

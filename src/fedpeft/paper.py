@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .report_model import Group, Run, find_runs, fmt_setting, group_runs
+from .report_model import Group, Run, find_runs, fmt_setting, group_runs, label_groups
 from .report_tables import (
     bytes_per_client_round,
     choose_target,
@@ -45,7 +45,9 @@ PER_METHOD = {"method", "lr", "adapter-reduction", "adapter-modules", "slora-sta
               "slora-density", "slora-stage1-lr", "out"}
 BUDGET_KNOBS = frozenset({"lora-rank", "lora-alpha", "adapter-reduction"})  # one axis of the
 # decision table: runs differing only in these are one experiment at several budgets
-SHOWN = {"precision": "auto", "transport-dtype": "fp32", "local-epochs": 1, "batch-size": 16}
+SHOWN = {"precision": "auto", "transport-dtype": "fp32", "local-epochs": 1, "batch-size": 16,
+         "server-lr": None, "server-momentum": None, "proximal-mu": None, "dp": "none",
+         "dp-noise-multiplier": None, "dp-clipping-norm": None}
 LINK_MBIT = 25.0  # the paper's clients' WiFi: 20-30 Mbit/s
 BUDGETS = ((1e6, "<= 1 MB"), (10e6, "1-10 MB"), (float("inf"), "> 10 MB"))
 
@@ -177,6 +179,8 @@ def time_section(task: str, groups: list[Group], metric: str, paper: dict[str, A
     """Table 5's question on our runs: rounds and modelled time to 90/95/99% of the best final
     metric here, with measured compute and the paper's link (``LINK_MBIT``); the paper's hours
     beside, where Table 5 has the task."""
+    groups = [replace(g) for g in groups]  # named by what differs within this experiment
+    label_groups(groups)
     target = choose_target(groups, metric)
     if target is None:
         return []

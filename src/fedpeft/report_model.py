@@ -188,17 +188,26 @@ def group_runs(runs: Sequence[Run], choose: Sequence[str] = ()) -> list[Group]:
         key = tuple(sorted((k, hashable(v)) for k, v in settings.items()))
         groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
     kept = _choose_on_validation(list(groups.values()), ("lr", *choose))
-    varying = varying_settings(kept)
-    for g in kept:
-        g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in varying)])
-    labels = [g.label for g in kept]
-    for g in kept:  # same label = rates kept side by side: say which is which
-        if labels.count(g.label) > 1:
-            g.label += f" lr={fmt_setting(g.settings['lr'])}"
+    varying = label_groups(kept)
     order = list(dict.fromkeys([*PAPER_ORDER, *(r.method for r in runs)]))
     return sorted(kept, key=lambda g: (order.index(g.method),
                                        [setting_order(g.settings.get(k)) for k in varying],
                                        g.label))
+
+
+def label_groups(groups: Sequence[Group]) -> list[str]:
+    """Name each group by its method and the settings that differ between ``groups`` (those
+    left unset, ``None``, are not named: ``fedlr strategy=fedavg`` beside ``fedlr
+    server-lr=0.01 strategy=fedadam``); returns the differing settings."""
+    varying = varying_settings(groups)
+    for g in groups:
+        g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in varying
+                                        if g.settings.get(k) is not None)])
+    labels = [g.label for g in groups]
+    for g in groups:  # same label = rates kept side by side: say which is which
+        if labels.count(g.label) > 1:
+            g.label += f" lr={fmt_setting(g.settings['lr'])}"
+    return varying
 
 
 def varying_settings(groups: Sequence[Group]) -> list[str]:
@@ -223,11 +232,14 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
         if len(family) == 1 or unfinished or any(s is None for ss in scores for s in ss):
             kept.extend(family)
             continue
-        best = max(range(len(family)), key=lambda i: float(np.mean(scores[i])))
+        means = [float(np.mean(ss)) for ss in scores]
+        best = [g for g, m in zip(family, means, strict=True) if m == max(means)]
         chosen = [k for k in keys if len({hashable(g.settings.get(k)) for g in family}) > 1]
         what = "" if chosen == ["lr"] else " and ".join(chosen) + " "
-        family[best].lr_note = f"{what}chosen on valid-{metric} from {len(family)}"
-        kept.append(family[best])
+        for g in best:  # a tie is no choice: the tied settings stay side by side, named so
+            g.lr_note = (f"{what}chosen on valid-{metric} from {len(family)}" if len(best) == 1
+                         else f"{what}tied on valid-{metric}: {len(best)} of {len(family)}")
+        kept.extend(best)
     return kept
 
 
