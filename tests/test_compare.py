@@ -56,9 +56,22 @@ def test_best_validation_lr_is_chosen_and_test_is_reported(tmp_path):
     assert fedlr["chosen-lr"] == 2e-3  # best validation accuracy, although its test is lower
     assert fedlr["final"]["accuracy"] == 0.41
     assert len(kept) == 2 and len(calls) == 3
+    assert not fedlr["lr-tied"]
     # A second invocation finds every finished run and redoes none.
     again = run_jobs(jobs, simulate, log=lambda _: None)
     assert len(calls) == 3 and len(again) == 3
+
+
+def test_rates_tied_on_validation_are_all_kept(tmp_path):
+    scores = {("fedlr", 1e-3): (0.40, 0.50), ("fedlr", 2e-3): (0.40, 0.41),
+              ("fedlr", 5e-3): (0.30, 0.90)}
+    simulate, _ = fake_simulate(scores)
+    jobs = plan(RunConfig(), ["fedlr"], {}, {"fedlr": ["1e-3", "2e-3", "5e-3"]}, [0],
+                str(tmp_path))
+    kept = select_learning_rates(run_jobs(jobs, simulate, log=lambda _: None))
+    assert [(k["chosen-lr"], k["lr-tied"]) for k in kept] == [(1e-3, True), (2e-3, True)]
+    from fedpeft.cli import results_table
+    assert results_table(kept).count("(tied) |") == 2
 
 
 def test_interrupted_and_extended_runs_resume_from_their_checkpoint(tmp_path):
@@ -106,8 +119,16 @@ def test_lr_grid_end_to_end_chooses_on_the_logged_validation_metric(tiny_models,
         (last,) = [r for r in read_rounds(root / f"fedlr-s0-lr{lr}") if r["round"] == 2]
         assert {"accuracy", "valid-accuracy", "valid-macro-f1"} <= last["metrics"].keys()
         valid[float(lr)] = last["metrics"]["valid-accuracy"]
-    chosen = max(valid, key=valid.get)  # ties: the first rate of the grid, as max() keeps it
+    chosen = [lr for lr in valid if valid[lr] == max(valid.values())]  # a tie keeps both
     table = capsys.readouterr().out
-    assert "chosen lr (valid)" in table and f"| {chosen:g} |" in table
     report = build_report([root], out=tmp_path / "report").read_text()
-    assert f"| fedlr | {chosen:g} (chosen on valid-accuracy from 2) |" in report
+    assert "chosen lr (valid)" in table
+    for lr in chosen:
+        if len(chosen) == 1:
+            assert f"| {lr:g} |" in table
+            assert f"| fedlr | {lr:g} (chosen on valid-accuracy from 2) |" in report
+        else:
+            assert f"| {lr:g} (tied) |" in table
+            assert f"{lr:g} (tied on valid-accuracy: 2 of 2) |" in report
+    for lr in set(valid) - set(chosen):  # the rate not chosen is no row of the report
+        assert f" {lr:g} (chosen" not in report and f" {lr:g} (tied" not in report

@@ -387,7 +387,8 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         job = s.get("job")
         cells = [s["method"], *(job.sweep.get(k, "") if job else "" for k in swept),
                  *([str(job.seed if job else "")] if seeds else []), str(s["rounds"]),
-                 _fmt(s["final"].get(metric)), _fmt(s["best"]), f"{s['lr']:g}",
+                 _fmt(s["final"].get(metric)), _fmt(s["best"]),
+                 f"{s['lr']:g}" + (" (tied)" if s.get("lr-tied") else ""),
                  f"{s['trainable-params']:,}", f"{s['bytes-per-client-round'] / 1e6:.2f}",
                  f"{s['seconds'] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -116,7 +116,8 @@ def job_state(job: Job, overwrite: bool = False) -> tuple[str, int]:
 
 def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep, per (method, sweep, seed), the run whose final validation metric is best; runs
-    without a grid pass through. The kept summary gains ``chosen-lr`` and ``lr-candidates``."""
+    without a grid pass through; rates tied on it are all kept (``lr-tied``), as the report
+    keeps them. The kept summary gains ``chosen-lr``, ``lr-tied`` and ``lr-candidates``."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         job: Job = r["job"]
@@ -131,9 +132,10 @@ def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]
         if missing:
             raise ValueError(f"runs {missing[:2]} have no final {key}; learning rates are chosen "
                              "on the validation split")
-        best = max(runs, key=lambda r: r["final"][key])
-        kept.append({**best, "chosen-lr": best["job"].lr,
-                     "lr-candidates": {r["job"].lr: r["final"][key] for r in runs}})
+        top = max(r["final"][key] for r in runs)
+        best = [r for r in runs if r["final"][key] == top]  # a tie is no choice: keep them all
+        kept.extend({**r, "chosen-lr": r["job"].lr, "lr-tied": len(best) > 1,
+                     "lr-candidates": {r["job"].lr: r["final"][key] for r in runs}} for r in best)
     return kept
 
 
