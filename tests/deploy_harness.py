@@ -22,7 +22,10 @@ BIN = Path(sys.executable).parent
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+       "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+       # a message of a killed ServerApp's run can never be pulled: give up on it within the
+       # tests' waits (latency.MAX_TIME_ENV), so the resumed run finds the worker free
+       "FEDPEFT_PULL_MAX_TIME": "30"}
 
 
 def free_ports(n: int) -> list[int]:

@@ -79,6 +79,23 @@ def test_resumed_run_equals_uninterrupted_run(tiny_models, tmp_path, method,
     assert resumed["resumed-from-round"] == 2
 
 
+def test_killed_before_the_first_checkpoint_resumes_without_a_duplicate_round(
+        tiny_models, tmp_path, flower_identity):  # noqa: F811
+    # A SIGKILL between round 1's log line and its checkpoint leaves rounds.jsonl with round 1
+    # and no checkpoint: the resume starts over and logs round 1 once.
+    full = tiny_config(tiny_models("bert"), str(tmp_path / "full"), "rounds=2")
+    expected = run_inprocess(full)
+    part = tiny_config(tiny_models("bert"), str(tmp_path / "part"), "rounds=1")
+    run_inprocess(part)
+    for name in ("checkpoint.safetensors", "summary.json", "final_state.safetensors"):
+        (tmp_path / "part" / name).unlink()
+    assert [r["round"] for r in read_rounds(tmp_path / "part")] == [1]
+    resumed = run_inprocess(resume_config(part.run_dir(), ["rounds=2"]), resume=True)
+    assert [r["round"] for r in read_rounds(tmp_path / "part")] == [1, 2]
+    _assert_same_run(tmp_path / "full", tmp_path / "part", expected, resumed)
+    assert resumed["resumed-from-round"] == 0
+
+
 def _assert_same_run(run_a, run_b, summary_a, summary_b):
     a = load_state(run_a / "final_state.safetensors")
     b = load_state(run_b / "final_state.safetensors")

@@ -85,6 +85,13 @@ def test_shorter_object_pulls(monkeypatch):
         assert function.__kwdefaults__["initial_backoff"] == 0.05
         assert function.__kwdefaults__["backoff_cap"] == 1.0
         assert function.__kwdefaults__["max_tries_per_object"] == 5000
+        assert function.__kwdefaults__["max_time"] == latency.DEFAULT_MAX_TIME
+    monkeypatch.setenv("FEDPEFT_PULL_MAX_TIME", "20")
+    latency.shorten_pulls()
+    assert objects.pull_objects.__kwdefaults__["max_time"] == 20.0
+    monkeypatch.setenv("FEDPEFT_PULL_MAX_TIME", "0")
+    with pytest.raises(FedpeftError, match="FEDPEFT_PULL_MAX_TIME='0': expected seconds"):
+        latency.shorten_pulls()
 
 
 # --- a node's own settings -----------------------------------------------------------------------

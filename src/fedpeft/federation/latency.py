@@ -16,7 +16,8 @@ that trains in 0.3 s took 9-13 s, almost all of it in waits that are constants i
 
 ``shorten_pulls`` (the ServerApp, the worker, the SuperNode) starts the object-pull backoff at
 ``FEDPEFT_PULL_BACKOFF`` s (default 0.05) and caps it at 1 s, with ten times the tries, so a slow
-object is waited for as long as before; ``shorten_supernode_poll`` (``python -m
+object is waited for as long as before, but at most ``FEDPEFT_PULL_MAX_TIME`` s (default 300,
+Flower's 7200) in all; ``shorten_supernode_poll`` (``python -m
 fedpeft.federation.supernode``) caps the SuperNode's two idle sleeps at ``FEDPEFT_SUPERNODE_POLL``
 s (default 0.2). Each applies to the process that calls it, only on flwr 1.42.0 (the release
 whose constants these are); on another version it leaves Flower as it is and says so.
@@ -36,6 +37,11 @@ POLL_ENV, DEFAULT_POLL = "FEDPEFT_SUPERNODE_POLL", 0.2
 BACKOFF_ENV, DEFAULT_BACKOFF = "FEDPEFT_PULL_BACKOFF", 0.05
 FLOWER_IDLE_SLEEPS = (3, 0.5)  # the literal waits of flwr 1.42's SuperNode loop
 BACKOFF_CAP = 1.0
+# How long a pull waits for an object that is not there (Flower's PULL_MAX_TIME: 7200 s). A
+# message of a run that has ended (its ServerApp killed just after sending it) can never be
+# pulled: the worker, which runs one task at a time, would wait that long and starve the next
+# run. 300 s still covers a node fetching ~900 MB at 25 Mbit/s before its ClientApp may read it.
+MAX_TIME_ENV, DEFAULT_MAX_TIME = "FEDPEFT_PULL_MAX_TIME", 300.0
 
 
 def seconds_setting(name: str, default: float, low: float, high: float,
@@ -88,10 +94,14 @@ def shorten_supernode_poll(poll: float | None = None) -> float | None:
     return poll
 
 
-def shorten_pulls(backoff: float | None = None) -> float | None:
-    """Start the object-pull backoff of this process at ``backoff`` s (cap 1 s)."""
+def shorten_pulls(backoff: float | None = None, max_time: float | None = None
+                  ) -> float | None:
+    """Start the object-pull backoff of this process at ``backoff`` s (cap 1 s), and wait at
+    most ``max_time`` s for an object that is not there."""
     backoff = seconds_setting(BACKOFF_ENV, DEFAULT_BACKOFF, 0.001, 1.0) \
         if backoff is None else backoff
+    max_time = seconds_setting(MAX_TIME_ENV, DEFAULT_MAX_TIME, 1.0, 7200.0) \
+        if max_time is None else max_time
     if not _flower_matches(BACKOFF_ENV):
         return None
     from flwr.supercore.inflatable import inflatable_utils as objects
@@ -101,4 +111,5 @@ def shorten_pulls(backoff: float | None = None) -> float | None:
         defaults["initial_backoff"] = backoff
         defaults["backoff_cap"] = 10.0 if backoff >= 1 else BACKOFF_CAP  # 1: Flower's own
         defaults["max_tries_per_object"] = 5000  # ten times Flower's 500
+        defaults["max_time"] = max_time
     return backoff

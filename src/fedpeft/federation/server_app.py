@@ -152,6 +152,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     else:
         global_state = runtime.method.export_state(runtime.model)
         history, done, before = [], 0, 0.0
+        if resume:  # killed before its first checkpoint: a logged round 1 is done again
+            log.reset_rounds([])
     strategy = make_strategy(cfg, runtime.method.lr, runtime.method)
     if checkpoint is not None:
         load_strategy_state(strategy, checkpoint.strategy_state, checkpoint.strategy_tensors)
