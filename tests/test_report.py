@@ -101,6 +101,15 @@ def test_groups_of_a_numeric_sweep_are_in_numeric_order(tmp_path):
                       "federa lora-rank=16", "federa lora-rank=64"]
 
 
+def test_a_family_setting_is_named_only_for_the_methods_that_use_it(tmp_path):
+    make_run(tmp_path, "fedft", "fedft", {4: 0.5})  # adapter-reduction: the default, 16
+    make_run(tmp_path, "fedap-6", "fedap", {4: 0.5}, **{"adapter-reduction": 6})
+    make_run(tmp_path, "fedap-16", "fedap", {4: 0.5}, **{"adapter-reduction": 16})
+    make_run(tmp_path, "fedlr", "fedlr", {4: 0.5})
+    labels = [g.label for g in group_runs(find_runs([tmp_path]))]
+    assert labels == ["fedft", "fedap adapter-reduction=6", "fedap adapter-reduction=16", "fedlr"]
+
+
 def test_learning_rate_chosen_on_validation_not_test(tmp_path):
     make_run(tmp_path, "lr1", "fedlr", {4: 0.9}, lr=1e-3, valid={4: 0.4}, summary={},
              **{"valid-fraction": 0.1})

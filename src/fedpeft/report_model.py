@@ -10,6 +10,7 @@ Definitions: ``docs/reports.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig, resumable_settings
+from .configs import AdapterConfig, LoraConfig, RankedLoraConfig, SLoRAConfig
 
 # Settings that do not change a run's results: runs differing only in these (and seed) are seeds
 # of one group.
@@ -27,6 +29,11 @@ from .config import RunConfig, resumable_settings
 # lives, and how rounds were run rather than what they computed (``resumable`` settings).
 NOT_RESULTS = {"seed", "data-dir"} | (resumable_settings() - {"rounds"})
 LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, not in labels
+# Settings of one method family (LoRA ranks, SLoRA's stage 1, FedAP's adapters): a label names one
+# only for the methods that use it, so that FedFT is not called "fedft adapter-reduction=16"
+# beside two FedAP widths.
+FAMILY_SETTINGS = frozenset(f.name.replace("_", "-") for c in (
+    LoraConfig, RankedLoraConfig, SLoRAConfig, AdapterConfig) for f in dataclasses.fields(c))
 PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
 # Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).
 DEFAULTS = {f.name.replace("_", "-"): f.default_factory() if f.default is dataclasses.MISSING
@@ -198,16 +205,34 @@ def group_runs(runs: Sequence[Run], choose: Sequence[str] = ()) -> list[Group]:
 def label_groups(groups: Sequence[Group]) -> list[str]:
     """Name each group by its method and the settings that differ between ``groups`` (those
     left unset, ``None``, are not named: ``fedlr strategy=fedavg`` beside ``fedlr
-    server-lr=0.01 strategy=fedadam``); returns the differing settings."""
+    server-lr=0.01 strategy=fedadam``; a method family's own setting is named only for the
+    methods that use it, or where it differs between groups of one method: ``fedft`` beside
+    ``fedap adapter-reduction=6`` and ``fedap adapter-reduction=16``); returns the differing
+    settings."""
     varying = varying_settings(groups)
     for g in groups:
-        g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in varying
-                                        if g.settings.get(k) is not None)])
+        own = [h for h in groups if h.method == g.method]
+        named = [k for k in varying if g.settings.get(k) is not None and (
+            k not in FAMILY_SETTINGS or k in method_settings(g.method)
+            or len({hashable(h.settings.get(k)) for h in own}) > 1)]
+        g.label = " ".join([g.method, *(f"{k}={fmt_setting(g.settings[k])}" for k in named)])
     labels = [g.label for g in groups]
     for g in groups:  # same label = rates kept side by side: say which is which
         if labels.count(g.label) > 1:
             g.label += f" lr={fmt_setting(g.settings['lr'])}"
     return varying
+
+
+@functools.cache
+def method_settings(method: str) -> frozenset[str]:
+    """The family settings ``method`` uses (its ``config_classes``; all of them for a name this
+    version does not know). Imported here, not at the top, so that reading runs needs no torch."""
+    from .methods import METHODS
+
+    if method not in METHODS:
+        return FAMILY_SETTINGS
+    return frozenset(f.name.replace("_", "-") for c in METHODS[method].config_classes
+                     for f in dataclasses.fields(c))
 
 
 def varying_settings(groups: Sequence[Group]) -> list[str]:
