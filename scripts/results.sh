@@ -58,8 +58,9 @@ if [ ! -e results/runs/strategies/fedavg ]; then
   fedavg=(results/runs/semeval-alpha/fedlr-alpha0.1-s0 results/runs/semeval-alpha/federa-alpha0.1-s0)
 fi
 report docs/results/strategies results/runs/strategies/fedprox "${fedavg[@]}" \
-  results/runs/strategies/fedavgm results/runs/strategies/fedadam --up-to 50 \
-  --rounds 10,20,30,40,50 --choose server-lr
+  results/runs/strategies/fedavgm results/runs/strategies/fedadam \
+  results/runs/strategies/fedadam-tau --up-to 50 --rounds 10,20,30,40,50 --choose server-lr \
+  --choose tau
 # ... and one client-side DP run beside the same FeDeRA without DP (semeval-alpha's Dir(0.1)
 # run: same settings, bf16 on the AVX512-BF16 machine), at its 20 rounds
 report docs/results/strategies-dp results/runs/strategies/dp \
@@ -79,7 +80,7 @@ report benchmarks/results/precision results/runs/fp32/semeval-a1/federa-s0 \
 paper_runs=()
 for run in semeval-a1 semeval-a1-lr semeval-alpha semeval-rank semeval-adapter 20news-a0.1 \
   wnut17-a1 squad-a1 strategies/fedavg strategies/fedprox strategies/fedavgm \
-  strategies/fedadam; do
+  strategies/fedadam strategies/fedadam-tau; do
   if [ -e "results/runs/$run" ]; then paper_runs+=("results/runs/$run"); fi
 done
 "$FEDPEFT" paper "${paper_runs[@]}" --out docs/results/PAPER.md
