@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import RunConfig, resumable_settings
 from .configs import AdapterConfig, LoraConfig, RankedLoraConfig, SLoRAConfig
+from .configs.base import kebab
 
 # Settings that do not change a run's results: runs differing only in these (and seed) are seeds
 # of one group.
@@ -32,7 +33,7 @@ LABEL_HIDDEN = {"method", "lr", "task", "valid-fraction"}  # shown elsewhere, no
 # Settings of one method family (LoRA ranks, SLoRA's stage 1, FedAP's adapters): a label names one
 # only for the methods that use it, so that FedFT is not called "fedft adapter-reduction=16"
 # beside two FedAP widths.
-FAMILY_SETTINGS = frozenset(f.name.replace("_", "-") for c in (
+FAMILY_SETTINGS = frozenset(kebab(f.name) for c in (
     LoraConfig, RankedLoraConfig, SLoRAConfig, AdapterConfig) for f in dataclasses.fields(c))
 PAPER_ORDER = ["fedft", "fedbf", "fedap", "fedlr", "federa", "slora"]  # FeDeRA Table 2's rows
 # Settings a run's config.toml leaves out (unset, or added to RunConfig after the run was made).
@@ -231,7 +232,7 @@ def method_settings(method: str) -> frozenset[str]:
 
     if method not in METHODS:
         return FAMILY_SETTINGS
-    return frozenset(f.name.replace("_", "-") for c in METHODS[method].config_classes
+    return frozenset(kebab(f.name) for c in METHODS[method].config_classes
                      for f in dataclasses.fields(c))
 
 
