@@ -1,6 +1,6 @@
 """Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
 typed by hand): ``.venv/bin/python benchmarks/tables.py
-[throughput|memory|precision|defaults|REPORT]``,
+[throughput|memory|precision|defaults|grouping|REPORT]``,
 or ``... tables.py peer [FILE]`` (default ``peer.json``); ``throughput``, ``memory``,
 ``precision`` and ``defaults`` also take result files (in benchmarks/results/) to tabulate.
 
@@ -80,6 +80,19 @@ def defaults(name: str = "defaults.json") -> list[str]:
     return lines
 
 
+def grouping(name: str = "grouping.json") -> list[str]:
+    """Random vs length-grouped local batches (``benchmarks/grouping.py``)."""
+    lines = ["| client shard | threads | precision | padded tokens random | grouped | "
+             "samples/s random | grouped | speed-up |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in json.loads((RESULTS / name).read_text()):
+        lines.append(f"| {r['task']} client {r['client']} ({r['rows']} rows, batch "
+                     f"{r['batch-size']}, {r['real-tokens']:,} real tokens) | {r['threads']} | "
+                     f"{r['precision']} | {r['random-padded-tokens']:,} | "
+                     f"{r['grouped-padded-tokens']:,} | {r['random-samples-per-s']:.1f} | "
+                     f"{r['grouped-samples-per-s']:.1f} | {r['speed-up']:.2f} |")
+    return lines
+
+
 def peer(name: str = "peer.json") -> list[str]:
     """Section 9: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
     file in benchmarks/results/ or a path."""
@@ -115,7 +128,8 @@ def report_table(path: Path, heading: str = "") -> list[str]:
 
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "throughput"
-    tables = {"throughput": throughput, "precision": precision, "defaults": defaults}
+    tables = {"throughput": throughput, "precision": precision, "defaults": defaults,
+              "grouping": grouping}
     if what in tables:
         out = tables[what](*sys.argv[2:])
     elif what.startswith("memory"):

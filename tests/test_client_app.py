@@ -63,3 +63,24 @@ def test_a_node_without_the_anchor_fails_clearly(setup):
     msg.content["config"]["anchor-id"] = anchor_id(anchor)
     with pytest.raises(RuntimeError, match="never received it"):
         client_app.train(msg, context)
+
+
+@pytest.mark.parametrize("value, grouped", [(None, False), (True, True), (False, False)])
+def test_group_by_length_reaches_local_training(setup, monkeypatch, value, grouped):
+    """group-by-length=true/false overrides the task's default (off for an encoder's
+    classification, where None leaves it)."""
+    import dataclasses
+
+    cfg, _, anchor, state = setup
+    cfg = dataclasses.replace(cfg, group_by_length=value)
+    seen, real = {}, client_app.local_train
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "local_train", spy)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0},
+                      state=RecordDict(), run_config={})
+    assert not client_app.train(make_message(cfg, state, anchor), context).has_error()
+    assert seen["group_by_length"] is grouped

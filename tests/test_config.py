@@ -112,3 +112,11 @@ def test_a_group_checks_its_own_fields_alone_and_inside_a_run():
     with pytest.raises(ConfigError, match="lora-init=svd applies to method="):
         load_config(None, ["method=fedlr", "lora-init=svd"])
     assert load_config(None, ["method=slora", "rounds=8"]).resolved().slora_stage1_rounds == 2
+
+
+def test_group_by_length_parses_true_false_and_none():
+    assert load_config(None, ["group-by-length=true"]).group_by_length is True
+    assert load_config(None, ["group-by-length=off"]).group_by_length is False
+    assert load_config(None, []).group_by_length is None  # the task's default
+    with pytest.raises(ConfigError, match="group-by-length must be true or false, got 'maybe'"):
+        load_config(None, ["group-by-length=maybe"])

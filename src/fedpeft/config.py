@@ -79,6 +79,10 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
     # --- local training (paper: 1 local epoch, batch 16, AdamW) -----------------------------
     local_epochs: int = setting(1, "local epochs per round", structural=False)
     batch_size: int = setting(16, "local batch size", structural=False)
+    group_by_length: bool | None = setting(
+        None, "local batches of rows of similar length (transformers' group_by_length): fewer "
+        "pad tokens, same rows each epoch; None = the task's default (on for decoders' prompts)",
+        structural=False)
     lr: float | None = setting(None, "None = the method's default learning rate", structural=False)
     lr_schedule: str = setting(
         "constant", "constant | cosine | step: the rate across rounds (schedule.py)",

@@ -149,7 +149,8 @@ def train_content(content: RecordDict, pid: int, state: RecordDict,
             generator=torch.Generator().manual_seed(shuffle_seed), device=runtime.device,
             after_step=runtime.method.after_step(runtime.model), precision=cfg.precision,
             proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by strategy=fedprox
-            group_by_length=runtime.task.group_by_length,
+            group_by_length=(runtime.task.group_by_length if cfg.group_by_length is None
+                             else cfg.group_by_length),
         )
     if store is not None:  # saved before the reply, so the next round finds it
         runtime.method.save_local(runtime, store, pid, server_round, started_from)
