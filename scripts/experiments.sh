@@ -133,13 +133,16 @@ case "${1:-}" in
     # SemEval, 100 clients, 10 per round, 100 rounds, 20% of every client's shard held out for
     # personalised evaluation (every 10 rounds, all clients). Rates: each method on the grid
     # {2e-3, 5e-3, 1e-2}, chosen on the validation split. Dir(0.1) first, then Dir(1); then the
-    # heterogeneous-rank comparison (ranks 4-32 by the seeded rule).
+    # heterogeneous-rank comparison (ranks 4-32 by the seeded rule). `family ranks` runs only
+    # that comparison; FAMILY_GRID narrows the grid (FAMILY_GRID=5e-3: the grid's middle point,
+    # whose runs a later full grid reuses).
     FAMILY=("${SEMEVAL[@]}" valid-fraction=0.1 local-test-fraction=0.2 rounds=100)
-    GRID=2e-3,5e-3,1e-2
+    GRID=${FAMILY_GRID:-2e-3,5e-3,1e-2}
     METHODS=fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora
     grids=()
     for m in ${METHODS//,/ }; do grids+=(--lr-grid "$m=$GRID"); done
     for alpha in 0.1 1; do
+      [[ "${2:-all}" == ranks ]] && break
       compare family "${FAMILY[@]}" "alpha=$alpha" --root "runs/exp/family/a$alpha" \
         --methods "$METHODS" "${grids[@]}"
     done
