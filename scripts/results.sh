@@ -65,6 +65,13 @@ report docs/results/strategies results/runs/strategies/fedprox "${fedavg[@]}" \
 # run: same settings, bf16 on the AVX512-BF16 machine), at its 20 rounds
 report docs/results/strategies-dp results/runs/strategies/dp \
   results/runs/semeval-alpha/federa-alpha0.1-s0 --up-to 20 --rounds 10,20
+# Issue 19: the federated-LoRA family beside FedLR, FFA-LoRA, FeDeRA and SLoRA (each method at
+# the rate its grid chose on validation), and the heterogeneous-rank comparison (flora vs
+# flexlora vs hetlora, client ranks 4-32), once their runs exist
+for alpha in 0.1 1; do
+  report "docs/results/family-a$alpha" "results/runs/family/a$alpha" --rounds 10,20,50,100
+done
+report docs/results/family-ranks results/runs/family/ranks-a0.1 --rounds 10,20,50,100
 # BENCHMARKS.md: exact LoRA aggregation, bf16 transport and bf16 compute vs the main runs, at
 # round 40
 report benchmarks/results/aggregation results/runs/semeval-a1-exact \

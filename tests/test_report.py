@@ -392,3 +392,25 @@ def test_dp_runs_get_their_privacy_spent_beside_the_metric(tmp_path):
     assert rows[1].endswith("| client-adaptive | 0.3 | 0.1 | 10 | 4 | none: not logged | - | - "
                             "| 0.2500 |")
     assert unfinished.name in text
+
+
+def test_heterogeneous_ranks_get_their_traffic_per_rank(tmp_path):
+    runs = tmp_path / "runs"
+    folder = make_run(runs, "flora-s0", "flora", {2: 0.3}, rounds=2, summary={})
+    lines = folder.joinpath("rounds.jsonl").read_text().splitlines()
+    by_rank = [  # round 1: ranks 4 and 8 once each; round 2: rank 4 twice
+        {"4": {"clients": 1, "bytes-down": 1_000_000, "bytes-up": 200_000},
+         "8": {"clients": 1, "bytes-down": 3_000_000, "bytes-up": 400_000}},
+        {"4": {"clients": 2, "bytes-down": 5_000_000, "bytes-up": 400_000}}]
+    records = [dict(json.loads(line), **{"bytes-by-rank": b})
+               for line, b in zip(lines, by_rank, strict=True)]
+    folder.joinpath("rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    make_run(runs, "fedlr-s0", "fedlr", {2: 0.2}, rounds=2, summary={})  # homogeneous: no rows
+    text = build_report([runs]).read_text()
+    section = text.split("traffic per client rank")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| f")]
+    # rank 4: 3 client-rounds, 6 MB down, 0.6 MB up; rank 8: 1 client-round, 3 MB, 0.4 MB
+    assert rows == ["| flora | 4 | 3 | 2.000 | 0.200 |", "| flora | 8 | 1 | 3.000 | 0.400 |"]
+    plain = tmp_path / "plain"
+    make_run(plain, "fedlr-s0", "fedlr", {2: 0.2}, rounds=2, summary={})
+    assert "traffic per client rank" not in build_report([plain]).read_text()

@@ -142,6 +142,13 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
             lines += [f"![{metric} vs {name}]({file})", ""]
     lines += _sweep_section(task, groups, metric, folder, prefix, plots)
     lines += _local_section(task, groups, metric, folder, prefix, plots)
+    if any(r.get("bytes-by-rank") for g in groups for run in g.runs for r in run.rounds):
+        lines += [f"## {task}: traffic per client rank (`client-ranks`)", "",
+                  "Each client trains at its own rank; MB down and up per client-round of each "
+                  "rank, summed over every logged round of the group's runs (each round's "
+                  "`bytes-by-rank`). Down includes whatever the method sends beyond the "
+                  "client's own factors (flora: the merged update; docs/methods.md).", "",
+                  tables.rank_bytes_table(groups), ""]
     if any(run.config.get("dp", "none") != "none" for g in groups for run in g.runs):
         lines += [f"## {task}: differential privacy spent", "",
                   "Each DP run's mechanism and the privacy it spent: epsilon at delta over the "

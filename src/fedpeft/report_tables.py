@@ -363,6 +363,39 @@ def local_table(groups: Sequence[Group], metric: str) -> str:
     return "\n".join(lines)
 
 
+# --- heterogeneous client ranks (client-ranks; rounds.jsonl's bytes-by-rank) -----------------
+def rank_bytes(run: Run) -> dict[int, tuple[int, int, int]]:
+    """Per client rank, over the logged rounds: (client-rounds, bytes down, bytes up), summed
+    from each round's ``bytes-by-rank``; empty for a run without heterogeneous ranks."""
+    totals: dict[int, list[int]] = {}
+    for record in run.rounds:
+        for rank, entry in (record.get("bytes-by-rank") or {}).items():
+            t = totals.setdefault(int(rank), [0, 0, 0])
+            t[0] += int(entry["clients"])
+            t[1] += int(entry["bytes-down"])
+            t[2] += int(entry["bytes-up"])
+    return {rank: (t[0], t[1], t[2]) for rank, t in sorted(totals.items())}
+
+
+def rank_bytes_table(groups: Sequence[Group]) -> str:
+    """Per group and client rank: client-rounds and MB down / up per client-round (summed over
+    the group's runs, every logged round), for the runs that log ``bytes-by-rank``."""
+    columns = ["method", "client rank", "client-rounds", "MB down / client-round",
+               "MB up / client-round"]
+    lines = [_row(columns), _rule(len(columns))]
+    for g in groups:
+        merged: dict[int, list[int]] = {}
+        for run in g.runs:
+            for rank, values in rank_bytes(run).items():
+                merged[rank] = [a + b for a, b in zip(merged.get(rank, [0, 0, 0]), values,
+                                                      strict=True)]
+        for rank, (clients, down, up) in sorted(merged.items()):
+            if clients:
+                lines.append(_row([g.label, str(rank), str(clients), f"{down / clients / 1e6:.3f}",
+                                   f"{up / clients / 1e6:.3f}"]))
+    return "\n".join(lines)
+
+
 # --- differential privacy (dp=...; federation/strategies/dp.py) --------------------------------
 def privacy_spent(run: Run) -> dict[str, Any] | None:
     """What a DP run spent: the summary's ``privacy`` once finished, else the last round's."""
