@@ -82,12 +82,12 @@ report benchmarks/results/transport results/runs/semeval-a1-wire16 \
 report benchmarks/results/precision results/runs/fp32/semeval-a1/federa-s0 \
   results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40
 # Issue 22: every committed run beside the FeDeRA paper's tables, and the decision table
-# (the protocol runs; the BENCHMARKS.md comparisons above and the DP run are not paper
-# protocols)
+# (the protocol runs; the BENCHMARKS.md comparisons above, the DP run and the heterogeneous-rank
+# comparison are not paper protocols)
 paper_runs=()
 for run in semeval-a1 semeval-a1-lr semeval-alpha semeval-rank semeval-adapter 20news-a0.1 \
   wnut17-a1 squad-a1 strategies/fedavg strategies/fedprox strategies/fedavgm \
-  strategies/fedadam strategies/fedadam-tau; do
+  strategies/fedadam strategies/fedadam-tau family/a0.1 family/a1; do
   if [ -e "results/runs/$run" ]; then paper_runs+=("results/runs/$run"); fi
 done
 "$FEDPEFT" paper "${paper_runs[@]}" --out docs/results/PAPER.md
