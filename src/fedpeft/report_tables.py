@@ -364,16 +364,17 @@ def local_table(groups: Sequence[Group], metric: str) -> str:
 
 
 # --- heterogeneous client ranks (client-ranks; rounds.jsonl's bytes-by-rank) -----------------
-def rank_bytes(run: Run) -> dict[int, tuple[int, int, int]]:
-    """Per client rank, over the logged rounds: (client-rounds, bytes down, bytes up), summed
-    from each round's ``bytes-by-rank``; empty for a run without heterogeneous ranks."""
+def rank_bytes(runs: Sequence[Run]) -> dict[int, tuple[int, int, int]]:
+    """Per client rank, over every logged round of the runs: (client-rounds, bytes down, bytes
+    up), summed from each round's ``bytes-by-rank``; empty without heterogeneous ranks."""
     totals: dict[int, list[int]] = {}
-    for record in run.rounds:
-        for rank, entry in (record.get("bytes-by-rank") or {}).items():
-            t = totals.setdefault(int(rank), [0, 0, 0])
-            t[0] += int(entry["clients"])
-            t[1] += int(entry["bytes-down"])
-            t[2] += int(entry["bytes-up"])
+    for run in runs:
+        for record in run.rounds:
+            for rank, entry in (record.get("bytes-by-rank") or {}).items():
+                t = totals.setdefault(int(rank), [0, 0, 0])
+                t[0] += int(entry["clients"])
+                t[1] += int(entry["bytes-down"])
+                t[2] += int(entry["bytes-up"])
     return {rank: (t[0], t[1], t[2]) for rank, t in sorted(totals.items())}
 
 
@@ -384,12 +385,7 @@ def rank_bytes_table(groups: Sequence[Group]) -> str:
                "MB up / client-round"]
     lines = [_row(columns), _rule(len(columns))]
     for g in groups:
-        merged: dict[int, list[int]] = {}
-        for run in g.runs:
-            for rank, values in rank_bytes(run).items():
-                merged[rank] = [a + b for a, b in zip(merged.get(rank, [0, 0, 0]), values,
-                                                      strict=True)]
-        for rank, (clients, down, up) in sorted(merged.items()):
+        for rank, (clients, down, up) in rank_bytes(g.runs).items():
             if clients:
                 lines.append(_row([g.label, str(rank), str(clients), f"{down / clients / 1e6:.3f}",
                                    f"{up / clients / 1e6:.3f}"]))
