@@ -134,18 +134,25 @@ case "${1:-}" in
     # personalised evaluation (every 10 rounds, all clients). Rates: each method on the grid
     # {2e-3, 5e-3, 1e-2}, chosen on the validation split. Dir(0.1) first, then Dir(1); then the
     # heterogeneous-rank comparison (ranks 4-32 by the seeded rule). `family ranks` runs only
-    # that comparison; FAMILY_GRID narrows the grid (FAMILY_GRID=5e-3: the grid's middle point,
-    # whose runs a later full grid reuses).
+    # that comparison, `family a0.1` / `family a1` one alpha; FAMILY_GRID narrows the grid
+    # (FAMILY_GRID=5e-3: the grid's middle point, whose runs a later full grid reuses) and
+    # FAMILY_METHODS the methods (FAMILY_METHODS=fedlr: the homogeneous-rank reference).
     FAMILY=("${SEMEVAL[@]}" valid-fraction=0.1 local-test-fraction=0.2 rounds=100)
     GRID=${FAMILY_GRID:-2e-3,5e-3,1e-2}
-    METHODS=fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora
+    METHODS=${FAMILY_METHODS:-fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora}
+    PART=${2:-all}
+    if [[ ! "$PART" =~ ^(all|a0\.1|a1|ranks)$ ]]; then
+      echo "usage: $0 family [all|a0.1|a1|ranks]; got '$PART'" >&2
+      exit 2
+    fi
     grids=()
     for m in ${METHODS//,/ }; do grids+=(--lr-grid "$m=$GRID"); done
     for alpha in 0.1 1; do
-      [[ "${2:-all}" == ranks ]] && break
+      [[ "$PART" == all || "$PART" == "a$alpha" ]] || continue
       compare family "${FAMILY[@]}" "alpha=$alpha" --root "runs/exp/family/a$alpha" \
         --methods "$METHODS" "${grids[@]}"
     done
+    [[ "$PART" == all || "$PART" == ranks ]] || exit 0
     compare family-ranks "${FAMILY[@]}" alpha=0.1 method=flora client-ranks=4,8,16,32 \
       --root runs/exp/family/ranks-a0.1 --methods flora,flexlora,hetlora \
       --lr-grid flora=$GRID --lr-grid flexlora=$GRID --lr-grid hetlora=$GRID
