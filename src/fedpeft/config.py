@@ -6,19 +6,15 @@ dataclasses (``fedpeft.configs``: ``LoraConfig``, ``SLoRAConfig``, ...) that ``R
 composed of, so every setting is still one kebab-case key. Every field has a default that
 follows the FeDeRA paper's protocol (arXiv 2404.18848, Sec. 5.1) where the paper gives one, and
 every field can be set from a TOML file or from ``key=value`` overrides on the command line,
-where keys are written in kebab case (``num-clients=100``). The config is validated once, here,
-before any model is loaded.
+where keys are written in kebab case (``num-clients=100``; ``fedpeft.configs.keys`` reads them).
+The config is validated once, here, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +22,7 @@ from typing import Any
 
 from .configs import (AdapterConfig, ConfigError, LoraConfig, RankedLoraConfig, SLoRAConfig,
                       StrategyConfig, TaskConfig, setting)
+from .configs import keys
 from .configs.base import check_finite
 from .configs.base import kebab as _kebab
 from .configs.lora import LORA_FAMILY, QUANTIZABLE  # noqa: F401 (their old home)
@@ -316,40 +313,8 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
     def run_dir(self) -> Path:
         """The run folder: ``out`` with its ``{setting}`` placeholders (``{alpha}``,
         ``{num-clients}``) filled in; ``ConfigError`` for an unknown or malformed one."""
-        import string
-
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        usage = ("placeholders are {setting}, e.g. {task} or {num-clients}; write {{ and }} for "
-                 "a literal brace")
-        try:
-            pieces = list(string.Formatter().parse(self.out))
-        except ValueError as err:
-            raise ConfigError(f"out={self.out!r}: {err} ({usage})") from None
-        parts = []
-        for literal, name, spec, conversion in pieces:
-            parts.append(literal)
-            if name is None:
-                continue
-            key = name.replace("-", "_")
-            if key not in values:
-                close = difflib.get_close_matches(_kebab(key), map(_kebab, values), n=2)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                what = f"unknown setting {{{name}}}{hint}" if name else "an empty placeholder {}"
-                raise ConfigError(f"out={self.out!r}: {what}; {usage}; settings: "
-                                  f"{', '.join(_kebab(n) for n in values)}")
-            value = values[key]
-            try:
-                if conversion:
-                    value = {"r": repr, "a": ascii, "s": str}[conversion](value)
-                parts.append(format(value, spec or ""))
-            except KeyError:
-                raise ConfigError(f"out={self.out!r}: unknown conversion !{conversion} in "
-                                  f"{{{name}!{conversion}}} (!s, !r or !a)") from None
-            except (ValueError, TypeError) as err:
-                raise ConfigError(f"out={self.out!r}: {{{name}:{spec}}}: {err}") from None
-        if not "".join(parts).strip():
-            raise ConfigError("out is empty; expected the path of a run folder")
-        return Path("".join(parts))
+        return Path(keys.fill_placeholders("out", self.out, values))
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping of every field (None values included), in ``ordered_fields``'
@@ -368,8 +333,8 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
         """Build a config from already-typed values (TOML, JSON), checking every key."""
         cfg = dataclasses.replace(base) if base is not None else cls()
         for key, value in values.items():
-            name = _field_name(key)
-            setattr(cfg, name, _coerce(name, value))
+            name = keys.field_name(cls, key)
+            setattr(cfg, name, keys.coerce(cls, name, value))
         return cfg
 
 
@@ -389,105 +354,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read an optional TOML file, then apply ``key=value`` overrides, then validate."""
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a folder; expected a TOML file") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); "
-                              "expected a TOML file") from None
-        except OSError as err:
-            raise ConfigError(f"config file {path}: {err.strerror}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        # Allow a [fedpeft] table or a flat file.
-        data = data.get("fedpeft", data)
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: `fedpeft` must be a table of settings, got "
-                              f"{data!r}")
+        data = keys.read_toml(path)
         cfg = RunConfig.from_mapping(data, base=cfg)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        name = _field_name(key.strip())
-        setattr(cfg, name, _parse(name, raw.strip()))
+        name = keys.field_name(RunConfig, key.strip())
+        setattr(cfg, name, keys.parse(RunConfig, name, raw.strip()))
     return cfg.validate()
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-_TYPES = typing.get_type_hints(RunConfig)
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _field_name(key: str) -> str:
-    name = key.replace("-", "_")
-    if name not in _FIELDS:
-        known = [_kebab(n) for n in _FIELDS]
-        close = difflib.get_close_matches(_kebab(name), known, n=3, cutoff=0.75)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown setting {key!r}{hint} (see `fedpeft run --help-config`)")
-    return name
-
-
-def _base_type(name: str) -> tuple[Any, bool]:
-    """The field's type without Optional, and whether None is allowed."""
-    tp = _TYPES[name]
-    args = typing.get_args(tp)
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], True
-    return tp, False
-
-
-def _parse(name: str, raw: str) -> Any:
-    """Parse a command-line string for field ``name``."""
-    tp, optional = _base_type(name)
-    if optional and raw.lower() in ("", "none", "null"):
-        return None
-    if typing.get_origin(tp) is list:
-        return [s.strip() for s in raw.split(",") if s.strip()]
-    if tp is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{_kebab(name)} must be true or false, got {raw!r}")
-    try:
-        return tp(raw)
-    except ValueError:
-        raise ConfigError(f"{_kebab(name)} must be {tp.__name__}, got {raw!r}") from None
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check a typed value (from TOML/JSON) against field ``name``."""
-    tp, optional = _base_type(name)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{_kebab(name)} cannot be empty")
-    if isinstance(value, str) and tp is not str:
-        return _parse(name, value)
-    if tp is str and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # sim-workers = 2 in a TOML file
-    if typing.get_origin(tp) is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{_kebab(name)} must be a list, got {value!r}")
-        return [str(v) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{_kebab(name)} must be {tp.__name__}, got {value!r}")
-    return value
-
 
 def own_fields(cls: type) -> list[dataclasses.Field]:
     """The fields ``cls`` declares itself (not those it inherits)."""

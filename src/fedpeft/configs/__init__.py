@@ -13,7 +13,8 @@
 ``fedpeft.config.RunConfig`` keeps what every run has and is composed of these (dataclass
 inheritance), so that a run is still one flat set of kebab-case keys (``lora-rank=8``) and one
 TOML file. Each dataclass checks its own fields (``check_<name>``); ``RunConfig.validate`` calls
-them. These modules import nothing of fedpeft's but ``errors``, so that the config can be read
+them; ``keys.py`` reads the keys from the command line, TOML and JSON into their typed
+fields. These modules import nothing of fedpeft's but ``errors``, so that the config can be read
 without loading torch, the models or the methods.
 """
 
