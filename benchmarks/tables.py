@@ -1,6 +1,6 @@
 """Markdown tables of BENCHMARKS.md from the result files in benchmarks/results/ (no number is
 typed by hand): ``.venv/bin/python benchmarks/tables.py
-[throughput|memory|precision|defaults|grouping|REPORT]``,
+[throughput|memory|precision|defaults|grouping|roofline|REPORT]``,
 or ``... tables.py peer [FILE]`` (default ``peer.json``); ``throughput``, ``memory``,
 ``precision`` and ``defaults`` also take result files (in benchmarks/results/) to tabulate.
 
@@ -93,6 +93,20 @@ def grouping(name: str = "grouping.json") -> list[str]:
     return lines
 
 
+def roofline(name: str = "roofline.json") -> list[str]:
+    """One local pass against the core's matmul peak (``benchmarks/roofline.py``)."""
+    lines = ["| client shard | threads | precision | GFLOP / pass | s / pass | GFLOP/s | "
+             "matmul peak GFLOP/s | share of peak | floor s / pass |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in json.loads((RESULTS / name).read_text()):
+        lines.append(f"| {r['task']} client {r['client']} ({r['rows']} rows, batch "
+                     f"{r['batch-size']}, {r['method']}) | {r['threads']} | {r['precision']} | "
+                     f"{r['gflop-per-pass']:,.0f} | {r['seconds-per-pass']:.1f} | "
+                     f"{r['achieved-gflops']:.1f} | {r['peak-gflops']:.1f} | "
+                     f"{r['fraction-of-peak']:.0%} | {r['floor-seconds-per-pass']:.1f} |")
+    return lines
+
+
 def peer(name: str = "peer.json") -> list[str]:
     """Section 9: fedpeft vs a plain Flower + PEFT app (``benchmarks/peer.py``); ``name`` is a
     file in benchmarks/results/ or a path."""
@@ -129,7 +143,7 @@ def report_table(path: Path, heading: str = "") -> list[str]:
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "throughput"
     tables = {"throughput": throughput, "precision": precision, "defaults": defaults,
-              "grouping": grouping}
+              "grouping": grouping, "roofline": roofline}
     if what in tables:
         out = tables[what](*sys.argv[2:])
     elif what.startswith("memory"):
