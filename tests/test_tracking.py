@@ -3,6 +3,7 @@ reader (MLflow's client, TensorBoard's event accumulator), resume, and failures.
 
 import builtins
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -110,8 +111,8 @@ def test_round_scalars_and_param_values():
 
 def test_missing_library_is_a_clear_error(tiny_models, tmp_path, monkeypatch,
                                           flower_identity):  # noqa: F811
-    real_find_spec = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
     cfg = tiny_config(tiny_models("bert"), str(tmp_path / "run"), "track=tensorboard,mlflow")
     with pytest.raises(ConfigError, match=r"mlflow is not installed.*\[track\]"):
