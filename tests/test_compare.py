@@ -70,7 +70,7 @@ def test_rates_tied_on_validation_are_all_kept(tmp_path):
                 str(tmp_path))
     kept = select_learning_rates(run_jobs(jobs, simulate, log=lambda _: None))
     assert [(k["chosen-lr"], k["lr-tied"]) for k in kept] == [(1e-3, True), (2e-3, True)]
-    from fedpeft.cli import results_table
+    from fedpeft.compare import results_table
     assert results_table(kept).count("(tied) |") == 2
 
 

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from . import offline
 from .config import ConfigError, RunConfig, describe_fields, load_config
 from .errors import FedpeftError
+from .runlog import check_run_folder, is_run_folder
 
 # The embedded default of `fedpeft compare`: a real federated FeDeRA-vs-FedLR run on SemEval,
 # 20 clients of ~400 sentences (Dir(1) label skew), 4 per round, 6 rounds, both methods at the
@@ -264,6 +265,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .compare import results_table
     from .federation.simulation import simulate
 
     if args.resume:
@@ -285,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import default_root, parse_assignments, plan, run_jobs, select_learning_rates
+    from .compare import (baseline_line, default_root, parse_assignments, plan, results_table,
+                          run_jobs, select_learning_rates)
     from .federation.simulation import simulate
 
     demo = not (args.overrides or args.config or args.sweep or args.lr_grid)
@@ -316,39 +319,6 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def baseline_line(summaries: list[dict[str, Any]]) -> str:
-    """The majority-class bar beside a classification table ("" for other tasks)."""
-    baseline = next((s["baseline"] for s in summaries if s.get("baseline")), None)
-    if not baseline:
-        return ""
-    return (f"majority-class baseline (always '{baseline['label']}', the commonest training "
-            f"label): test accuracy {baseline['accuracy']:.4f}")
-
-
-RUN_FILES = ("partition.json", "rounds.jsonl", "summary.json", "checkpoint.safetensors",
-             "final_state.safetensors")
-
-
-def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` holds a fedpeft run (its config.toml and something a run wrote)."""
-    return (path / "config.toml").is_file() and any((path / f).exists() for f in RUN_FILES)
-
-
-def check_run_folder(path: Path, overwrite: bool) -> None:
-    """Refuse a new run's folder that is a file, lies inside another run's folder, or that
-    ``--overwrite`` would delete although it holds no run."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"out={path} is a file; expected a folder for the run")
-    inside = next((p for p in path.resolve().parents if is_run_folder(p)), None)
-    if inside is not None:
-        raise ConfigError(f"out={path} is inside the run folder {inside}; choose a folder "
-                          "outside it (run folders are never written into)")
-    if overwrite and path.is_dir() and any(path.iterdir()) and \
-            not (path / "config.toml").is_file():
-        raise ConfigError(f"out={path} holds files but no fedpeft run (no config.toml); "
-                          "--overwrite only replaces run folders, so choose another out=")
-
-
 def _methods_list(text: str) -> list[str]:
     """``--methods a,b``: known method names, each once, in order."""
     from .methods import METHODS
@@ -371,32 +341,6 @@ def _seeds_list(text: str) -> list[int]:
     if not seeds:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}")
     return list(dict.fromkeys(seeds))
-
-
-def results_table(summaries: list[dict[str, Any]]) -> str:
-    """Markdown table: method, rounds, test metric, trainable params, bytes per client-round."""
-    metric = summaries[0]["metric"] if summaries else "metric"
-    swept = sorted({k for s in summaries if "job" in s for k in s["job"].sweep})
-    seeds = len({s["job"].seed for s in summaries if "job" in s}) > 1
-    grid = any("chosen-lr" in s for s in summaries)
-    columns = ["method", *swept, *(["seed"] if seeds else []), "rounds", f"test {metric}",
-               f"best {metric}", *(["chosen lr (valid)"] if grid else ["lr"]),
-               "trainable params", "MB per client-round", "minutes"]
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    for s in summaries:
-        job = s.get("job")
-        cells = [s["method"], *(job.sweep.get(k, "") if job else "" for k in swept),
-                 *([str(job.seed if job else "")] if seeds else []), str(s["rounds"]),
-                 _fmt(s["final"].get(metric)), _fmt(s["best"]),
-                 f"{s['lr']:g}" + (" (tied)" if s.get("lr-tied") else ""),
-                 f"{s['trainable-params']:,}", f"{s['bytes-per-client-round'] / 1e6:.2f}",
-                 f"{s['seconds'] / 60:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _partition(args: argparse.Namespace) -> int:

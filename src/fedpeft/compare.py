@@ -141,3 +141,38 @@ def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 def default_root(base: RunConfig) -> str:
     return str(Path("runs") / "compare" / f"{base.task}-a{base.alpha}")
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table: method, rounds, test metric, trainable params, bytes per client-round."""
+    metric = summaries[0]["metric"] if summaries else "metric"
+    swept = sorted({k for s in summaries if "job" in s for k in s["job"].sweep})
+    seeds = len({s["job"].seed for s in summaries if "job" in s}) > 1
+    grid = any("chosen-lr" in s for s in summaries)
+    columns = ["method", *swept, *(["seed"] if seeds else []), "rounds", f"test {metric}",
+               f"best {metric}", *(["chosen lr (valid)"] if grid else ["lr"]),
+               "trainable params", "MB per client-round", "minutes"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for s in summaries:
+        job = s.get("job")
+        cells = [s["method"], *(job.sweep.get(k, "") if job else "" for k in swept),
+                 *([str(job.seed if job else "")] if seeds else []), str(s["rounds"]),
+                 _fmt(s["final"].get(metric)), _fmt(s["best"]),
+                 f"{s['lr']:g}" + (" (tied)" if s.get("lr-tied") else ""),
+                 f"{s['trainable-params']:,}", f"{s['bytes-per-client-round'] / 1e6:.2f}",
+                 f"{s['seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def baseline_line(summaries: list[dict[str, Any]]) -> str:
+    """The majority-class bar beside a classification table ("" for other tasks)."""
+    baseline = next((s["baseline"] for s in summaries if s.get("baseline")), None)
+    if not baseline:
+        return ""
+    return (f"majority-class baseline (always '{baseline['label']}', the commonest training "
+            f"label): test accuracy {baseline['accuracy']:.4f}")

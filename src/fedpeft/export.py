@@ -102,7 +102,7 @@ def check_run(run: Path) -> None:
 def check_output(run_dir: str | Path, out: str | Path) -> None:
     """Refuse an output folder that would overwrite something: the run folder itself or a
     folder inside a run folder, a file, or a non-empty folder that is not an earlier export."""
-    from .cli import is_run_folder
+    from .runlog import is_run_folder
 
     out, run = Path(out), Path(run_dir)
     resolved = out.resolve()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig, to_toml
+from .config import ConfigError, RunConfig, to_toml
 from .errors import FedpeftError
 
 
@@ -119,3 +119,27 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return _jsonable(value.tolist())
     return value
+
+
+RUN_FILES = ("partition.json", "rounds.jsonl", "summary.json", "checkpoint.safetensors",
+             "final_state.safetensors")
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a fedpeft run (its config.toml and something a run wrote)."""
+    return (path / "config.toml").is_file() and any((path / f).exists() for f in RUN_FILES)
+
+
+def check_run_folder(path: Path, overwrite: bool) -> None:
+    """Refuse a new run's folder that is a file, lies inside another run's folder, or that
+    ``--overwrite`` would delete although it holds no run."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out={path} is a file; expected a folder for the run")
+    inside = next((p for p in path.resolve().parents if is_run_folder(p)), None)
+    if inside is not None:
+        raise ConfigError(f"out={path} is inside the run folder {inside}; choose a folder "
+                          "outside it (run folders are never written into)")
+    if overwrite and path.is_dir() and any(path.iterdir()) and \
+            not (path / "config.toml").is_file():
+        raise ConfigError(f"out={path} holds files but no fedpeft run (no config.toml); "
+                          "--overwrite only replaces run folders, so choose another out=")
