@@ -35,6 +35,26 @@ def padded_tokens(lengths: list[int], order: list[int], batch_size: int) -> int:
     return sum(max(lengths[j] for j in b) * len(b) for b in batches)
 
 
+def demo_client(method: str, client: int):
+    """The demo's runtime (SemEval, 20 clients of 400 by Dirichlet(1), ``method`` at lr 5e-3),
+    client ``client``'s rows and the precision ``precision=auto`` picks here."""
+    cfg = load_config(None, ["task=semeval", f"method={method}", "num-clients=20",
+                             "clients-per-round=4", "alpha=1.0", "lr=5e-3"])
+    rt = Runtime(cfg)
+    rt.method.make_anchor(rt.model)
+    return cfg, rt, rt.client_rows(client), resolve_precision(resolve_device(cfg.device),
+                                                              cfg.precision)
+
+
+def local_pass(cfg, rt, rows, precision: str, seed: int, grouped: bool = False):
+    """One epoch of ``local_train`` over ``rows`` at lr 1e-6: the model barely moves, so every
+    pass does the same work on the same rows."""
+    return local_train(rt.model, rows, rt.collate, lr=1e-6, epochs=1, batch_size=cfg.batch_size,
+                       weight_decay=0.0, max_grad_norm=cfg.max_grad_norm,
+                       generator=torch.Generator().manual_seed(seed), device=rt.device,
+                       precision=precision, group_by_length=grouped)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="fedlr")
@@ -44,20 +64,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/grouping.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, ["task=semeval", f"method={args.method}", "num-clients=20",
-                             "clients-per-round=4", "alpha=1.0", "lr=5e-3"])
-    rt = Runtime(cfg)
-    rt.method.make_anchor(rt.model)
-    rows = rt.client_rows(args.client)
+    cfg, rt, rows, precision = demo_client(args.method, args.client)
     lengths = [len(r["input_ids"]) for r in rows]
-    precision = resolve_precision(resolve_device(cfg.device), cfg.precision)
 
     def one_pass(grouped: bool, seed: int) -> float:
-        result = local_train(rt.model, rows, rt.collate, lr=1e-6, epochs=1,
-                             batch_size=cfg.batch_size, weight_decay=0.0,
-                             max_grad_norm=cfg.max_grad_norm,
-                             generator=torch.Generator().manual_seed(seed), device=rt.device,
-                             precision=precision, group_by_length=grouped)
+        result = local_pass(cfg, rt, rows, precision, seed, grouped)
         return result.num_examples / result.seconds
 
     arms = {"random": False, "grouped": True}

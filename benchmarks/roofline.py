@@ -30,11 +30,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from fedpeft.config import load_config  # noqa: E402
-from fedpeft.federation.runtime import Runtime  # noqa: E402
-from fedpeft.training import local_train, resolve_device, resolve_precision  # noqa: E402
-
-DEMO = ["task=semeval", "num-clients=20", "clients-per-round=4", "alpha=1.0", "lr=5e-3"]
+from grouping import demo_client, local_pass  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
@@ -61,19 +57,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/roofline.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, [*DEMO, f"method={args.method}"])
-    rt = Runtime(cfg)
-    rt.method.make_anchor(rt.model)
-    rows = rt.client_rows(args.client)
-    precision = resolve_precision(resolve_device(cfg.device), cfg.precision)
+    cfg, rt, rows, precision = demo_client(args.method, args.client)
 
     def one_pass(seed: int):
-        # lr 1e-6: the model barely moves, so every pass does the same work on the same rows
-        return local_train(rt.model, rows, rt.collate, lr=1e-6, epochs=1,
-                           batch_size=cfg.batch_size, weight_decay=0.0,
-                           max_grad_norm=cfg.max_grad_norm,
-                           generator=torch.Generator().manual_seed(seed), device=rt.device,
-                           precision=precision)
+        return local_pass(cfg, rt, rows, precision, seed)
 
     one_pass(0)  # warm-up
     counter = FlopCounterMode(display=False)
