@@ -55,16 +55,23 @@ def local_pass(cfg, rt, rows, precision: str, seed: int, grouped: bool = False):
                        precision=precision, group_by_length=grouped)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def demo_client_from_args(doc: str, name: str):
+    """The command line both demo-client benchmarks take (``--method``, ``--client``,
+    ``--repeats``, ``--threads``, ``--out``, default ``benchmarks/results/<name>.json``), then
+    ``torch.set_num_threads`` and ``demo_client``: (args, cfg, runtime, rows, precision)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--method", default="fedlr")
     parser.add_argument("--client", type=int, default=0, help="partition id of the shard")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/grouping.json")
+    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, rt, rows, precision = demo_client(args.method, args.client)
+    return (args, *demo_client(args.method, args.client))
+
+
+def main() -> None:
+    args, cfg, rt, rows, precision = demo_client_from_args(__doc__, "grouping")
     lengths = [len(r["input_ids"]) for r in rows]
 
     def one_pass(grouped: bool, seed: int) -> float:

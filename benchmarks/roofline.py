@@ -20,7 +20,6 @@ from fedpeft import offline
 
 offline.apply()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -30,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from grouping import demo_client, local_pass  # noqa: E402  (benchmarks/ is sys.path[0])
+from grouping import demo_client_from_args, local_pass  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
@@ -49,15 +48,7 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="fedlr")
-    parser.add_argument("--client", type=int, default=0, help="partition id of the shard")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/roofline.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg, rt, rows, precision = demo_client(args.method, args.client)
+    args, cfg, rt, rows, precision = demo_client_from_args(__doc__, "roofline")
 
     def one_pass(seed: int):
         return local_pass(cfg, rt, rows, precision, seed)
