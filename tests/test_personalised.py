@@ -15,7 +15,7 @@ from fedpeft.federation.runtime import Runtime
 from fedpeft.federation.server_app import open_run, run_server
 from fedpeft.partition import local_split
 from fedpeft.report_model import load_run
-from fedpeft.report_tables import local_table
+from fedpeft.report_extra import local_table
 from fedpeft.runlog import read_rounds
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import report_plots
+from . import report_extra as extra
 from . import report_tables as tables
 from .config import RunConfig
 from .partition import mean_pairwise_js
@@ -148,14 +149,14 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
                   "rank, summed over every logged round of the group's runs (each round's "
                   "`bytes-by-rank`). Down includes whatever the method sends beyond the "
                   "client's own factors (flora: the merged update; docs/methods.md).", "",
-                  tables.rank_bytes_table(groups), ""]
+                  extra.rank_bytes_table(groups), ""]
     if any(run.config.get("dp", "none") != "none" for g in groups for run in g.runs):
         lines += [f"## {task}: differential privacy spent", "",
                   "Each DP run's mechanism and the privacy it spent: epsilon at delta over the "
                   "aggregated rounds (`releases`), from Flower's RDP accountant, each round an "
                   "unamplified Gaussian release (client sampling not credited), so an upper "
                   "bound; or why no epsilon is reported (docs/strategies.md).", "",
-                  tables.privacy_table(groups, metric), ""]
+                  extra.privacy_table(groups, metric), ""]
     goal: float | None = None
     if target is not None:
         goal, origin = float(target), "given with --target"
@@ -242,7 +243,7 @@ def _local_section(task: str, groups: list[Group], metric: str, folder: Path, pr
                    plots: bool) -> list[str]:
     """The clients' own held-out data (``local-test-fraction``): spread over clients of the
     global and, where the method has one, the personalised model; nothing without it."""
-    local = [g for g in groups if all(tables.last_local_eval(r) for r in g.runs)]
+    local = [g for g in groups if all(extra.last_local_eval(r) for r in g.runs)]
     if not local:
         return []
     lines = [f"## {task}: {metric} on the clients' local test splits (personalised evaluation)",
@@ -251,7 +252,7 @@ def _local_section(task: str, groups: list[Group], metric: str, folder: Path, pr
              "evaluated, `worst 10%` = mean of the ceil(n/10) lowest clients, `min`; each mean ± "
              "sample std over seeds. `personalised`: global shared tensors + the client's own "
              "(fedsa-lora's B). `global test`: the global model on the test split.", "",
-             tables.local_table(local, metric), ""]
+             extra.local_table(local, metric), ""]
     if plots:
         file = f"{prefix}{metric}-per-client.png"
         report_plots.plot_local_clients(local, metric, folder / file,

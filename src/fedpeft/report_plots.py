@@ -274,7 +274,7 @@ def plot_local_clients(groups: Sequence[Group], metric: str, path: Path, title: 
     """Per-client ``metric`` on the clients' local test splits at the last local evaluation:
     each client's value, clients sorted from worst to best, one line per group and model
     (global: dashed; personalised: solid); a group's first seed."""
-    from .report_tables import LOCAL_MODELS, last_local_eval
+    from .report_extra import LOCAL_MODELS, last_local_eval
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)

@@ -133,13 +133,13 @@ def results_table(groups: Sequence[Group], metric: str, rounds: Sequence[int]) -
     """Table-2-style markdown: per group, metric at ``rounds`` and final, mean ± std."""
     columns = ["method", "lr", "trainable params", "MB / client-round", "seeds", "rounds",
                *(f"{metric} @{r}" for r in rounds), f"final {metric}"]
-    lines = [_row(columns), _rule(len(columns))]
+    lines = [md_row(columns), md_rule(len(columns))]
     for g in groups:
         summaries = [r.summary for r in g.runs if r.summary]
         params = f"{summaries[0]['trainable-params']:,}" if summaries else "-"
         lr = fmt_lr(g.settings["lr"])
         mb = float(np.mean([bytes_per_client_round(r) for r in g.runs])) / 1e6
-        lines.append(_row([
+        lines.append(md_row([
             g.label, lr + (f" ({g.lr_note})" if g.lr_note else ""), params, f"{mb:.2f}",
             str(len(g.runs)), str(g.done) if g.done == g.planned else f"{g.done}/{g.planned}",
             *(fmt_mean_std([value_at(r, metric, n) for r in g.runs]) for n in rounds),
@@ -175,7 +175,7 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
                       for i in range(len(methods)))
     columns = [*swept, *(["trainable params"] if show_params else []),
                *(f"{m} final {metric}" for m in methods)]
-    lines = [_row(columns), _rule(len(columns))]
+    lines = [md_row(columns), md_rule(len(columns))]
     for (values, row), counts in zip(rows, params):
         cells = [fmt_setting(v) for v in values]
         if show_params:
@@ -187,7 +187,7 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
                 continue
             unfinished = f" (r {g.done}/{g.planned})" if g.done < g.planned else ""
             cells.append(fmt_mean_std([r.final(metric) for r in g.runs]) + unfinished)
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return "\n".join(lines)
 
 
@@ -201,7 +201,7 @@ def time_to_target_table(groups: Sequence[Group], metric: str, target: float,
     columns = ["method", "compute s / round", "comm s / round", "one-off s"]
     for f in fractions:
         columns += [f"rounds to {f:.0%}", f"time to {f:.0%}"]
-    lines = [_row(columns), _rule(len(columns))]
+    lines = [md_row(columns), md_rule(len(columns))]
     for g in groups:
         per_round = np.array([round_seconds(rec, bandwidth_mbit) for r in g.runs
                               for rec in r.rounds])  # (rounds, 2)
@@ -222,7 +222,7 @@ def time_to_target_table(groups: Sequence[Group], metric: str, target: float,
             seconds_mean, seconds_std = mean_std([h[1] for h in hits])
             cells += [f"{rounds_mean:g}" + ("" if rounds_std is None else f" ± {rounds_std:.1f}")
                       + partial, fmt_duration(seconds_mean, seconds_std) + partial]
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return "\n".join(lines)
 
 
@@ -238,12 +238,12 @@ def fmt_lr(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:g}"
 
 
-def _rule(columns: int) -> str:
+def md_rule(columns: int) -> str:
     """Markdown header rule: first column left-aligned, the numbers right-aligned."""
     return "|---|" + "---:|" * (columns - 1)
 
 
-def _row(cells: Sequence[str]) -> str:
+def md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
@@ -264,7 +264,7 @@ def drift_table(groups: Sequence[Group]) -> str:
     averaged over layers and modules (the record's ``mean``) and rounds; mean ± std over seeds.
     ``norms``: the records' convention (``drift_norms``)."""
     columns = ["method", "between", "norms", "rounds", *(f"{f} {n}" for f, n in DRIFT_PANELS)]
-    lines = [_row(columns), _rule(len(columns))]
+    lines = [md_row(columns), md_rule(len(columns))]
     for g in groups:
         records = [[d for _, d in drift_records(r)] for r in g.runs]
         between = sorted({d.get("between", "weights") for rs in records for d in rs})
@@ -277,7 +277,7 @@ def drift_table(groups: Sequence[Group]) -> str:
                 values = [v for d in rs if (v := d["mean"].get(factor, {}).get(name)) is not None]
                 per_seed.append(float(np.mean(values)) if values else None)
             cells.append(fmt_mean_std(per_seed, digits=5) if per_seed else "-")
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     return "\n".join(lines)
 
 
@@ -307,7 +307,7 @@ def round_time_table(groups: Sequence[Group]) -> str:
     local training, and the mean seconds of one evaluation (over the rounds that evaluated)."""
     columns = ["method", "rounds", "s / round", *ROUND_PHASES, "training share",
                "s / evaluation"]
-    lines = [_row(columns), _rule(len(columns))]
+    lines = [md_row(columns), md_rule(len(columns))]
     for g in groups:
         records = [rec for r in g.runs for rec in r.rounds[1:] if round_split(rec) is not None]
         if not records:
@@ -322,103 +322,7 @@ def round_time_table(groups: Sequence[Group]) -> str:
         cells = [f"{m:.2f}" for m in means]
         if overlapped:
             cells = [f"{means[0]:.2f} (sum)", f"{means[1]:.2f} (sum)", "-", cells[3]]
-        lines.append(_row([g.label, str(len(records)), f"{total:.1f}", *cells,
+        lines.append(md_row([g.label, str(len(records)), f"{total:.1f}", *cells,
                            "-" if overlapped else f"{means[0] / total:.0%}",
                            f"{np.mean(evals):.1f}" if evals else "-"]))
-    return "\n".join(lines)
-
-
-# --- personalised evaluation (local-test-fraction; federation/local_eval.py) -------------------
-LOCAL_MODELS = (("global", "global model"), ("personal", "personalised (own B)"))
-
-
-def last_local_eval(run: Run) -> dict[str, Any] | None:
-    """The last ``local-eval`` record of a run (the clients' scores on their local splits)."""
-    evals = [r["local-eval"] for r in run.rounds if r.get("local-eval")]
-    return evals[-1] if evals else None
-
-
-def local_table(groups: Sequence[Group], metric: str) -> str:
-    """Per group and model (global; personalised where the method has one): the last
-    evaluation on the clients' local test splits: mean over clients, std over clients, mean of
-    the worst 10% of clients, minimum (each mean ± std over seeds), beside the global test
-    metric."""
-    columns = ["method", "model", "clients", f"mean {metric}", "std over clients",
-               "worst 10%", "min", f"global test {metric}"]
-    lines = [_row(columns), _rule(len(columns))]
-    for g in groups:
-        evals = [last_local_eval(r) for r in g.runs]
-        if any(e is None for e in evals):
-            continue
-        for prefix, label in LOCAL_MODELS:
-            key = f"{prefix}-{metric}"
-            stats = [e["stats"].get(key) for e in evals]  # type: ignore[index]
-            if any(s is None for s in stats):
-                continue
-            clients = sorted({int(s["clients"]) for s in stats})
-            lines.append(_row([g.label, label, "/".join(map(str, clients)),
-                               *(fmt_mean_std([s[k] for s in stats])
-                                 for k in ("mean", "std", "worst-10%", "min")),
-                               fmt_mean_std([r.final(metric) for r in g.runs])]))
-    return "\n".join(lines)
-
-
-# --- heterogeneous client ranks (client-ranks; rounds.jsonl's bytes-by-rank) -----------------
-def rank_bytes(runs: Sequence[Run]) -> dict[int, tuple[int, int, int]]:
-    """Per client rank, over every logged round of the runs: (client-rounds, bytes down, bytes
-    up), summed from each round's ``bytes-by-rank``; empty without heterogeneous ranks."""
-    totals: dict[int, list[int]] = {}
-    for run in runs:
-        for record in run.rounds:
-            for rank, entry in (record.get("bytes-by-rank") or {}).items():
-                t = totals.setdefault(int(rank), [0, 0, 0])
-                t[0] += int(entry["clients"])
-                t[1] += int(entry["bytes-down"])
-                t[2] += int(entry["bytes-up"])
-    return {rank: (t[0], t[1], t[2]) for rank, t in sorted(totals.items())}
-
-
-def rank_bytes_table(groups: Sequence[Group]) -> str:
-    """Per group and client rank: client-rounds and MB down / up per client-round (summed over
-    the group's runs, every logged round), for the runs that log ``bytes-by-rank``."""
-    columns = ["method", "client rank", "client-rounds", "MB down / client-round",
-               "MB up / client-round"]
-    lines = [_row(columns), _rule(len(columns))]
-    for g in groups:
-        for rank, (clients, down, up) in rank_bytes(g.runs).items():
-            if clients:
-                lines.append(_row([g.label, str(rank), str(clients), f"{down / clients / 1e6:.3f}",
-                                   f"{up / clients / 1e6:.3f}"]))
-    return "\n".join(lines)
-
-
-# --- differential privacy (dp=...; federation/strategies/dp.py) --------------------------------
-def privacy_spent(run: Run) -> dict[str, Any] | None:
-    """What a DP run spent: the summary's ``privacy`` once finished, else the last round's."""
-    if run.summary and run.summary.get("privacy"):
-        return dict(run.summary["privacy"])
-    logged = [r["privacy"] for r in run.rounds if r.get("privacy")]
-    return dict(logged[-1]) if logged else None
-
-
-def privacy_table(groups: Sequence[Group], metric: str) -> str:
-    """Per DP run: the mechanism's settings, the privacy spent (epsilon at delta, over the
-    releases so far) or why none is reported, beside the final metric."""
-    columns = ["method", "seed", "dp", "noise multiplier", "clipping norm", "clients / round",
-               "rounds", "epsilon", "delta", "releases", f"final {metric}"]
-    lines = [_row(columns), _rule(len(columns))]
-    for g in groups:
-        for run in g.runs:
-            if run.config.get("dp", "none") == "none":
-                continue
-            spent = privacy_spent(run) or {}
-            epsilon = (f"{spent['epsilon']:.2f}" if "epsilon" in spent
-                       else f"none: {spent.get('note', 'not logged')}")
-            final = run.final(metric)
-            lines.append(_row([
-                g.label, str(run.config.get("seed", 0)), str(run.config["dp"]),
-                f"{run.config.get('dp-noise-multiplier')}", f"{run.config.get('dp-clipping-norm')}",
-                str(run.config.get("clients-per-round", "")), str(len(run.rounds)), epsilon,
-                f"{spent['delta']:.3g}" if "delta" in spent else "-",
-                str(spent.get("releases", "-")), "-" if final is None else f"{final:.4f}"]))
     return "\n".join(lines)
