@@ -116,6 +116,7 @@ def test_federated_evaluation_on_local_splits(tiny_models, tmp_path, method,
         assert local["weighted"]["global-accuracy"] == pytest.approx(
             np.average(acc, weights=held))
         assert "personal-accuracy" not in local["values"]
+        assert 0 < r["seconds-eval-local"] < r["seconds-eval"]  # part of it, after the global
     assert summary["final-local"] == rounds[-1]["local-eval"]["stats"]
     # the train replies' weights are the training shares
     train_sizes = {s for s in sizes}
@@ -129,7 +130,8 @@ def test_no_evaluate_messages_without_local_test(tiny_models, tmp_path,
     log, runtime, _ = open_run(cfg)
     run_server(grid, cfg, log, runtime=runtime)
     assert not [m for m in grid.sent if m.metadata.message_type == "evaluate"]
-    assert "local-eval" not in read_rounds(cfg.run_dir())[0]
+    record = read_rounds(cfg.run_dir())[0]
+    assert "local-eval" not in record and "seconds-eval-local" not in record
 
 
 def test_local_eval_sample_in_a_run(tiny_models, tmp_path, flower_identity):  # noqa: F811

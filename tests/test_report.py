@@ -281,10 +281,21 @@ def test_round_time_split_by_hand(tmp_path):
     table = round_time_table(group_runs(find_runs([tmp_path])))
     # rounds 2-4: 12 s each - 0.9 evaluation = 8 training + 1 handling + (11 - 9) transport
     # + 0.1 aggregation; 0.9 s for the one evaluation (round 4)
-    assert "| fedlr | 3 | 11.1 | 8.00 | 1.00 | 2.00 | 0.10 | 72% | 0.9 |" in table
+    assert "| fedlr | 3 | 11.1 | 8.00 | 1.00 | 2.00 | 0.10 | 72% | 0.9 | - |" in table
     assert "federa" not in table
     text = build_report([tmp_path], out=tmp_path / "out").read_text()
     assert "where a round's time goes" in text
+
+
+def test_round_time_shows_the_local_evaluation_share(tmp_path):
+    run = make_run(tmp_path, "fedlr-s0", "fedlr", {2: 0.5, 4: 0.6}, summary={}, split=True)
+    lines = (run / "rounds.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for record, local in zip(records[1::2], (0.3, 0.5), strict=True):  # rounds 2 and 4
+        record["seconds-eval-local"] = local
+    (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = round_time_table(group_runs(find_runs([tmp_path])))
+    assert "| 72% | 0.9 | 0.4 |" in table  # the mean over the two evaluations
 
 
 def test_round_time_of_parallel_workers_is_not_split(tmp_path):
@@ -297,7 +308,7 @@ def test_round_time_of_parallel_workers_is_not_split(tmp_path):
         record.update({"seconds-clients": 16.0, "seconds-handlers": 18.0})
     (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     table = round_time_table(group_runs(find_runs([tmp_path])))
-    assert "| fedlr | 3 | 11.1 | 16.00 (sum) | 2.00 (sum) | - | 0.10 | - | 0.9 |" in table
+    assert "| fedlr | 3 | 11.1 | 16.00 (sum) | 2.00 (sum) | - | 0.10 | - | 0.9 | - |" in table
 
 
 def test_up_to_compares_runs_of_different_lengths_at_equal_rounds(tmp_path):

@@ -304,9 +304,10 @@ def round_split(record: dict[str, Any]) -> dict[str, float] | None:
 def round_time_table(groups: Sequence[Group]) -> str:
     """Per group, over rounds 2.. (round 1 includes the workers' start-up) pooled over seeds:
     mean seconds per round without evaluation, split by phase (``round_split``), the share of
-    local training, and the mean seconds of one evaluation (over the rounds that evaluated)."""
+    local training, and the mean seconds of one evaluation (over the rounds that evaluated),
+    of which the clients' evaluation on their local splits (``seconds-eval-local``)."""
     columns = ["method", "rounds", "s / round", *ROUND_PHASES, "training share",
-               "s / evaluation"]
+               "s / evaluation", "of which local"]
     lines = [md_row(columns), md_rule(len(columns))]
     for g in groups:
         records = [rec for r in g.runs for rec in r.rounds[1:] if round_split(rec) is not None]
@@ -316,6 +317,8 @@ def round_time_table(groups: Sequence[Group]) -> str:
         total = float(np.mean([rec["seconds"] - rec["seconds-eval"] for rec in records]))
         means = [float(np.mean([s[p] for s in splits])) for p in ROUND_PHASES]
         evals = [rec["seconds-eval"] for r in g.runs for rec in r.rounds if rec.get("metrics")]
+        local = [rec["seconds-eval-local"] for r in g.runs for rec in r.rounds
+                 if "seconds-eval-local" in rec]
         # handlers that outlast the train phase ran at once on several simulation workers:
         # their sums are not wall time, and the remainder of the phase is not derivable
         overlapped = any(s["transport + server"] < 0 for s in splits)
@@ -324,5 +327,6 @@ def round_time_table(groups: Sequence[Group]) -> str:
             cells = [f"{means[0]:.2f} (sum)", f"{means[1]:.2f} (sum)", "-", cells[3]]
         lines.append(md_row([g.label, str(len(records)), f"{total:.1f}", *cells,
                            "-" if overlapped else f"{means[0] / total:.0%}",
-                           f"{np.mean(evals):.1f}" if evals else "-"]))
+                           f"{np.mean(evals):.1f}" if evals else "-",
+                           f"{np.mean(local):.1f}" if local else "-"]))
     return "\n".join(lines)

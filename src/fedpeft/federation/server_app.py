@@ -207,6 +207,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         # The model this round trained is evaluated before a method's switch (SLoRA's stage 1
         # -> 2), so the round's metrics are its own; the switched model's go beside them.
         metrics_eval = evaluate_global(cfg, runtime) if evaluate else {}
+        t_global = time.perf_counter()
         # the clients' own held-out data (local-test-fraction): global and personalised models
         local_eval = evaluate_clients(grid, cfg, nodes, strategy, runtime.method, global_state,
                                       config, anchor, server_round) \
@@ -246,6 +247,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             "seconds-handler-max": max((u.handler_seconds for u in result.updates), default=0.0),
             "seconds-aggregate": t_agg - t_train + (t_end - t_eval),
             "seconds-eval": t_eval - t_agg,
+            # of which the clients' evaluation on their local splits (local-test-fraction)
+            **({"seconds-eval-local": t_eval - t_global} if local_eval else {}),
             **({"metrics-after-switch": switch_metrics} if switch_metrics else {}),
             **({"local-eval": local_eval} if local_eval else {}),
             **({"privacy": spent} if (spent := privacy_spent(strategy)) else {}),
