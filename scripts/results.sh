@@ -81,6 +81,8 @@ report benchmarks/results/transport results/runs/semeval-a1-wire16 \
   results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40
 report benchmarks/results/precision results/runs/fp32/semeval-a1/federa-s0 \
   results/runs/semeval-a1/federa-s0 --up-to 40 --rounds 10,20,30,40
+# BENCHMARKS.md section "where a round's time goes": its logs live beside the report
+report benchmarks/results/round-time benchmarks/results/round-time/runs
 # Issue 22: every committed run beside the FeDeRA paper's tables, and the decision table
 # (the protocol runs; the BENCHMARKS.md comparisons above, the DP run and the heterogeneous-rank
 # comparison are not paper protocols)
