@@ -132,3 +132,121 @@ def test_lr_grid_end_to_end_chooses_on_the_logged_validation_metric(tiny_models,
             assert f"{lr:g} (tied on valid-accuracy: 2 of 2) |" in report
     for lr in set(valid) - set(chosen):  # the rate not chosen is no row of the report
         assert f" {lr:g} (chosen" not in report and f" {lr:g} (tied" not in report
+
+
+@pytest.mark.slow
+def test_select_at_end_to_end(tiny_models, tmp_path, capsys):
+    """Real federated runs: both rates run 1 round, the one with the better validation metric
+    there runs on to round 2 (resumed), and the report keeps the same one."""
+    from fedpeft.cli import main
+    from fedpeft.report import build_report
+    from fedpeft.runlog import read_rounds
+
+    root = tmp_path / "grid"
+    assert main(["compare", f"model={tiny_models('bert')}", "task=semeval", "lora-rank=4",
+                 "max-train-samples=160", "max-test-samples=32", "num-clients=4",
+                 "clients-per-round=2", "rounds=2", "eval-every=1", "batch-size=8",
+                 "progress=false", "--methods", "fedlr", "--lr-grid", "fedlr=1e-3,5e-2",
+                 "--select-at", "1", "--root", str(root)]) == 0
+    logs = {lr: read_rounds(root / f"fedlr-s0-lr{lr}") for lr in ("1e-3", "5e-2")}
+    valid = {float(lr): log[0]["metrics"]["valid-accuracy"] for lr, log in logs.items()}
+    chosen = [lr for lr in valid if valid[lr] == max(valid.values())]
+    assert {float(lr): len(log) for lr, log in logs.items()} == {
+        lr: 2 if lr in chosen else 1 for lr in valid}
+    table = capsys.readouterr().out
+    assert "chosen lr (valid at round 1)" in table
+    report = build_report([root], out=tmp_path / "report").read_text()
+    if len(chosen) == 1:
+        assert f"| fedlr | {chosen[0]:g} (chosen on valid-accuracy at round 1 from 2) |" in report
+    else:
+        assert "(tied on valid-accuracy: 2 of 2) |" in report  # both went on to round 2
+
+
+def logging_simulate(curves: dict):
+    """A stand-in run that logs every round: valid/test accuracy at round r is
+    ``curves[(method, lr)][r - 1]``; a resumed run appends the rounds after the last logged."""
+    calls = []
+
+    def simulate(cfg: RunConfig, resume: bool = False) -> dict:
+        path = cfg.run_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        log = path / "rounds.jsonl"
+        done = len(log.read_text().splitlines()) if resume else 0
+        calls.append((cfg.method, cfg.lr, done, cfg.rounds))
+        curve = curves[(cfg.method, cfg.lr)]
+        with log.open("a" if resume else "w") as out:
+            for r in range(done + 1, cfg.rounds + 1):
+                out.write(json.dumps({"round": r, "metrics": {
+                    "accuracy": curve[r - 1] - 0.1, "valid-accuracy": curve[r - 1]}}) + "\n")
+        summary = {"method": cfg.method, "metric": "accuracy", "rounds": cfg.rounds,
+                   "final": {"accuracy": curve[cfg.rounds - 1] - 0.1,
+                             "valid-accuracy": curve[cfg.rounds - 1]},
+                   "best": curve[cfg.rounds - 1] - 0.1, "lr": cfg.lr or 1e-3,
+                   "trainable-params": 10, "bytes-per-client-round": 1e6, "seconds": 60.0}
+        (path / "config.toml").write_text(to_toml(cfg))
+        (path / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    return simulate, calls
+
+
+def test_select_at_runs_every_rate_to_that_round_and_only_the_chosen_on(tmp_path):
+    from fedpeft.compare import results_table, run_selected
+
+    # 1e-3 blooms late (best at round 4), 2e-3 leads at round 2: chosen at 2, it alone goes on
+    curves = {("fedlr", 1e-3): [0.2, 0.3, 0.8, 0.9], ("fedlr", 2e-3): [0.3, 0.5, 0.6, 0.7],
+              ("fedlr", 5e-3): [0.1, 0.2, 0.2, 0.2], ("federa", None): [0.1, 0.2, 0.3, 0.4]}
+    simulate, calls = logging_simulate(curves)
+    jobs = plan(RunConfig(rounds=4, eval_every=2), ["fedlr", "federa"], {},
+                {"fedlr": ["1e-3", "2e-3", "5e-3"]}, [0], str(tmp_path))
+    kept = run_selected(jobs, simulate, 2, log=lambda _: None)
+    assert calls == [("fedlr", 1e-3, 0, 2), ("fedlr", 2e-3, 0, 2), ("fedlr", 5e-3, 0, 2),
+                     ("federa", None, 0, 4), ("fedlr", 2e-3, 2, 4)]  # the chosen one resumed
+    assert [(k["method"], k.get("chosen-lr")) for k in kept] == [("fedlr", 2e-3),
+                                                                  ("federa", None)]
+    fedlr = kept[0]
+    assert fedlr["final"]["accuracy"] == pytest.approx(0.6) and fedlr["rounds"] == 4
+    assert fedlr["lr-candidates"] == {1e-3: 0.3, 2e-3: 0.5, 5e-3: 0.2}
+    assert "chosen lr (valid at round 2)" in results_table(kept)
+    # Again: every rate has round 2 and the chosen run is finished: nothing is redone.
+    assert [k.get("chosen-lr") for k in run_selected(jobs, simulate, 2, log=lambda _: None)] \
+        == [2e-3, None] and len(calls) == 5
+    # The report makes the same choice from the logs alone, at the round all rates reached.
+    from fedpeft.report_model import find_runs, group_runs
+
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.method, g.settings["lr"], g.lr_note) for g in groups if g.method == "fedlr"] \
+        == [("fedlr", 2e-3, "chosen on valid-accuracy at round 2 from 3")]
+
+
+def test_select_at_reuses_a_finished_full_run_scored_at_that_round(tmp_path):
+    from fedpeft.compare import run_selected
+
+    curves = {("fedlr", 1e-3): [0.2, 0.6, 0.7, 0.8], ("fedlr", 2e-3): [0.3, 0.5, 0.9, 0.9]}
+    simulate, calls = logging_simulate(curves)
+    jobs = plan(RunConfig(rounds=4, eval_every=2), ["fedlr"], {},
+                {"fedlr": ["1e-3", "2e-3"]}, [0], str(tmp_path))
+    run_jobs(jobs[1:], simulate, log=lambda _: None)  # 2e-3 already ran all 4 rounds
+    kept = run_selected(jobs, simulate, 2, log=lambda _: None)
+    # 2e-3 is scored at round 2 (0.5, not its final 0.9): 1e-3 wins and goes on
+    assert calls == [("fedlr", 2e-3, 0, 4), ("fedlr", 1e-3, 0, 2), ("fedlr", 1e-3, 2, 4)]
+    assert [k["chosen-lr"] for k in kept] == [1e-3]
+
+
+@pytest.mark.parametrize("settings, select_at, message", [
+    ({"rounds": 4, "eval_every": 2}, 3, "multiple of eval-every=2"),
+    ({"rounds": 4}, 4, "from 1 to rounds-1 = 3"),
+    ({"rounds": 8, "method": "slora", "slora_stage1_rounds": 2}, 2, "from round 3 on"),
+])
+def test_select_at_is_checked_before_anything_runs(tmp_path, settings, select_at, message):
+    from fedpeft.compare import run_selected
+
+    simulate, calls = logging_simulate({})
+    method = settings.pop("method", "fedlr")
+    jobs = plan(RunConfig(**settings), [method], {}, {method: ["1e-3"]}, [0], str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        run_selected(jobs, simulate, select_at, log=lambda _: None)
+    jobs = plan(RunConfig(rounds=4), ["fedlr"], {}, {}, [0], str(tmp_path))
+    with pytest.raises(ConfigError, match="give one"):
+        run_selected(jobs, simulate, 2, log=lambda _: None)
+    assert not calls

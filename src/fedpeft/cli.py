@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR1,LR2",
                          help="learning rates to try for a method; the best on a validation "
                          "split carved from train is kept (repeatable)")
+    compare.add_argument("--select-at", type=int, default=None, metavar="ROUND",
+                         help="choose each grid's rate on validation at ROUND: every rate runs "
+                         "to ROUND, only the chosen one on to rounds (default: at the end)")
     compare.add_argument("--seeds", default=None, help="comma-separated seeds (default: seed)")
     compare.add_argument("--root", default=None, help="folder of the runs (default: "
                          "runs/demo for the demo, else runs/compare/<task>-a<alpha>)")
@@ -288,7 +291,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import (baseline_line, default_root, parse_assignments, plan, results_table,
-                          run_jobs, select_learning_rates)
+                          run_jobs, run_selected, select_learning_rates)
     from .federation.simulation import simulate
 
     demo = not (args.overrides or args.config or args.sweep or args.lr_grid)
@@ -311,9 +314,13 @@ def _compare(args: argparse.Namespace) -> int:
     def run_one(cfg: RunConfig, resume: bool) -> dict:
         return simulate(cfg, overwrite=not resume, resume=resume)
 
-    results = run_jobs(jobs, run_one, overwrite=args.overwrite,
-                       log=lambda line: print(line, file=sys.stderr))
-    kept = select_learning_rates(results)
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    if args.select_at is not None:
+        kept = run_selected(jobs, run_one, args.select_at, overwrite=args.overwrite, log=log)
+    else:
+        kept = select_learning_rates(run_jobs(jobs, run_one, overwrite=args.overwrite, log=log))
     print(results_table(kept))
     print(baseline_line(kept))
     return 0

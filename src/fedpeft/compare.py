@@ -7,6 +7,14 @@ method, every rate is run with a validation split carved from the training data
 chosen; the table reports that run's *test* metric and the chosen rate. The test set never
 takes part in the choice.
 
+``select_at=S`` (``--select-at``) chooses earlier, to save most of a grid's compute: every rate
+runs to round S only, the best validation metric *at round S* is chosen, and only the chosen
+rate (all tied ones) continues to ``rounds``, resuming its own run (one rung of successive
+halving, Jamieson & Talwalkar 2016, written here because the runs are Flower simulations that a
+tuning library would have to resume through our checkpoints). The rates left at round S stay
+as finished S-round runs; ``fedpeft report`` compares rates at the last round all of them
+reached, so it makes the same choice from the logs.
+
     fedpeft compare --methods fedlr,federa --lr-grid fedlr=1e-3,2e-3,5e-3 \\
         --lr-grid federa=5e-4,1e-3,2e-3 --sweep alpha=0.1,1 --seeds 0,1 rounds=100
 """
@@ -96,6 +104,90 @@ def run_jobs(jobs: list[Job], simulate: Callable[..., dict[str, Any]],
     return summaries
 
 
+def run_selected(jobs: list[Job], simulate: Callable[..., dict[str, Any]], select_at: int,
+                 overwrite: bool = False, log: Callable[[str], None] = print
+                 ) -> list[dict[str, Any]]:
+    """``run_jobs`` with the learning rates chosen at round ``select_at`` (module doc): the
+    jobs without a grid and the chosen rates' jobs run to the end; returns their summaries in
+    the plan's order, the chosen ones with ``chosen-lr``, ``lr-tied``, ``lr-candidates`` (the
+    rates' validation metric at round ``select_at``) and ``lr-chosen-at``."""
+    from .federation.checkpoint import saved_config
+
+    check_select_at(jobs, select_at)
+    grid = [job for job in jobs if job.lr is not None]
+    states = [job_state(job, overwrite) for job in jobs]  # every folder checked before training
+    scores: dict[int, float] = {}
+    for i, (job, (state, done)) in enumerate(
+            [(j, s) for j, s in zip(jobs, states, strict=True) if j.lr is not None], start=1):
+        path = job.cfg.run_dir()
+        if done < select_at:
+            saved = saved_config(path)[0] if state == "resume" else None
+            early = dataclasses.replace(job.cfg.resolved(saved), rounds=select_at)
+            log(f"[rate {i}/{len(grid)}] {path}: to round {select_at}"
+                + (f", resuming after round {done}" if state == "resume" else ""))
+            simulate(early, resume=state == "resume")
+        else:
+            log(f"[rate {i}/{len(grid)}] {path}: has round {select_at}, not redone")
+        scores[id(job)] = valid_at(job, select_at)
+    groups: dict[tuple, list[Job]] = {}
+    for job in grid:
+        groups.setdefault((job.method, tuple(job.sweep.items()), job.seed), []).append(job)
+    notes: dict[int, dict[str, Any]] = {}
+    for group in groups.values():
+        top = max(scores[id(job)] for job in group)
+        best = [job for job in group if scores[id(job)] == top]  # a tie is no choice
+        for job in best:
+            notes[id(job)] = {"chosen-lr": job.lr, "lr-tied": len(best) > 1,
+                              "lr-candidates": {j.lr: scores[id(j)] for j in group},
+                              "lr-chosen-at": select_at}
+    plain = [job for job in jobs if job.lr is None]
+    chosen = [job for job in grid if id(job) in notes]
+    # the chosen rates continue their own runs (never overwritten: phase one just made them)
+    done = run_jobs(plain, simulate, overwrite, log) + run_jobs(chosen, simulate, False, log)
+    order = {id(job): i for i, job in enumerate(jobs)}
+    done.sort(key=lambda r: order[id(r["job"])])
+    return [{**r, **notes.get(id(r["job"]), {})} for r in done]
+
+
+def check_select_at(jobs: list[Job], select_at: int) -> None:
+    """``ConfigError`` unless round ``select_at`` can score every grid job's rate."""
+    grid = [job for job in jobs if job.lr is not None]
+    if not grid:
+        raise ConfigError("--select-at chooses among the rates of --lr-grid; give one")
+    for job in grid:
+        cfg = job.cfg.resolved()
+        if not 0 < select_at < cfg.rounds:
+            raise ConfigError(f"--select-at {select_at}: expected a round from 1 to "
+                              f"rounds-1 = {cfg.rounds - 1}")
+        if select_at % cfg.eval_every:
+            raise ConfigError(f"--select-at {select_at}: expected a multiple of "
+                              f"eval-every={cfg.eval_every}, a round at which every run "
+                              "evaluates")
+        stage1 = cfg.slora_stage1_rounds if job.method == "slora" else None
+        if stage1 is not None and select_at <= stage1:
+            raise ConfigError(f"--select-at {select_at}: slora trains at the grid's rate from "
+                              f"round {stage1 + 1} on (slora-stage1-rounds={stage1}); expected "
+                              "a later round")
+
+
+def valid_at(job: Job, server_round: int) -> float:
+    """The job's validation metric (its task's headline one) at ``server_round``, from its
+    round log."""
+    from .runlog import read_rounds
+    from .tasks import TASKS
+
+    key = f"valid-{TASKS[job.cfg.task].metric}"
+    path = job.cfg.run_dir()
+    for record in read_rounds(path):
+        if int(record["round"]) == server_round:
+            value = record.get("metrics", {}).get(key)
+            if value is None:
+                break
+            return float(value)
+    raise ValueError(f"{path}: no {key} at round {server_round} in rounds.jsonl; learning "
+                     "rates are chosen on the validation split")
+
+
 def job_state(job: Job, overwrite: bool = False) -> tuple[str, int]:
     """``(state, rounds done)``, state "new" (no run there, or ``overwrite``), "resume" or
     "finished"; ``ConfigError`` if the job's folder holds something that is not this job's run."""
@@ -149,8 +241,10 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
     swept = sorted({k for s in summaries if "job" in s for k in s["job"].sweep})
     seeds = len({s["job"].seed for s in summaries if "job" in s}) > 1
     grid = any("chosen-lr" in s for s in summaries)
+    at = next((s["lr-chosen-at"] for s in summaries if "lr-chosen-at" in s), None)
+    chosen = "chosen lr (valid" + (f" at round {at})" if at else ")")
     columns = ["method", *swept, *(["seed"] if seeds else []), "rounds", f"test {metric}",
-               f"best {metric}", *(["chosen lr (valid)"] if grid else ["lr"]),
+               f"best {metric}", *([chosen] if grid else ["lr"]),
                "trainable params", "MB per client-round", "minutes"]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for s in summaries:

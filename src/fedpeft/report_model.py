@@ -245,28 +245,62 @@ def varying_settings(groups: Sequence[Group]) -> list[str]:
 
 def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) -> list[Group]:
     """Among groups that differ only in the settings ``keys`` (the clients' ``lr``, and any
-    other asked for, e.g. FedAdam's ``server-lr``), keep the best final ``valid-<metric>`` (mean
-    over seeds) once every run has finished with one; until then keep them all."""
+    other asked for, e.g. FedAdam's ``server-lr``), keep the best ``valid-<metric>`` (mean over
+    seeds) once every run has finished with one; until then keep them all.
+
+    Candidates are compared at the last round all of them reached: their final round when all
+    ran to the end; round S when the losers of ``fedpeft compare --select-at S`` stopped there
+    (their ``rounds`` differ from the chosen run's, which is still one choice; groups that differ
+    in ``rounds`` alone are a sweep of it, not a choice)."""
     families: dict[tuple, list[Group]] = {}
     for g in groups:
-        families.setdefault(tuple(kv for kv in g.key if kv[0] not in keys), []).append(g)
+        families.setdefault(tuple(kv for kv in g.key if kv[0] not in (*keys, "rounds")),
+                            []).append(g)
     kept = []
-    for family in families.values():
+    for family in _split_rounds_sweeps(list(families.values()), keys):
         metric = family[0].runs[0].metric()
-        scores = [[r.final(f"valid-{metric}") for r in g.runs] for g in family]
+        series = [[r.series(f"valid-{metric}") for r in g.runs] for g in family]
         unfinished = any(r.summary is None for g in family for r in g.runs)
-        if len(family) == 1 or unfinished or any(s is None for ss in scores for s in ss):
+        if len(family) == 1 or unfinished or any(not s for ss in series for s in ss):
             kept.extend(family)
             continue
-        means = [float(np.mean(ss)) for ss in scores]
+        common = min(s[-1][0] for ss in series for s in ss)
+        if any(s[0][0] > common for ss in series for s in ss):  # no score at that round
+            kept.extend(family)
+            continue
+        means = [float(np.mean([_at(s, common) for s in ss])) for ss in series]
         best = [g for g, m in zip(family, means, strict=True) if m == max(means)]
         chosen = [k for k in keys if len({hashable(g.settings.get(k)) for g in family}) > 1]
         what = "" if chosen == ["lr"] else " and ".join(chosen) + " "
+        when = "" if all(s[-1][0] == common for ss in series for s in ss) \
+            else f" at round {common}"
         for g in best:  # a tie is no choice: the tied settings stay side by side, named so
-            g.lr_note = (f"{what}chosen on valid-{metric} from {len(family)}" if len(best) == 1
-                         else f"{what}tied on valid-{metric}: {len(best)} of {len(family)}")
+            g.lr_note = (f"{what}chosen on valid-{metric}{when} from {len(family)}"
+                         if len(best) == 1 else
+                         f"{what}tied on valid-{metric}{when}: {len(best)} of {len(family)}")
         kept.extend(best)
     return kept
+
+
+def _split_rounds_sweeps(families: list[list[Group]], keys: Sequence[str]) -> list[list[Group]]:
+    """A family in which two groups share every chosen setting differs in ``rounds`` as a
+    sweep: split it by ``rounds``."""
+    out = []
+    for family in families:
+        values = [tuple(hashable(g.settings.get(k)) for k in keys) for g in family]
+        if len(set(values)) == len(values):
+            out.append(family)
+            continue
+        by_rounds: dict[Any, list[Group]] = {}
+        for g in family:
+            by_rounds.setdefault(hashable(g.settings.get("rounds")), []).append(g)
+        out.extend(by_rounds.values())
+    return out
+
+
+def _at(series: list[tuple[int, float]], server_round: int) -> float:
+    """The series' value at ``server_round`` (its last one up to that round)."""
+    return [v for r, v in series if r <= server_round][-1]
 
 
 # --- shared helpers ---------------------------------------------------------------------------
