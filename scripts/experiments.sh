@@ -137,6 +137,9 @@ case "${1:-}" in
     # that comparison, `family a0.1` / `family a1` one alpha; FAMILY_GRID narrows the grid
     # (FAMILY_GRID=5e-3: the grid's middle point, whose runs a later full grid reuses) and
     # FAMILY_METHODS the methods (FAMILY_METHODS=fedlr: the homogeneous-rank reference).
+    # Rates are chosen on validation at round FAMILY_SELECT_AT (default 40; after SLoRA's
+    # 25-round sparse stage): every rate runs to it, only the chosen one on to round 100.
+    SELECT=(--select-at "${FAMILY_SELECT_AT:-40}")
     FAMILY=("${SEMEVAL[@]}" valid-fraction=0.1 local-test-fraction=0.2 rounds=100)
     GRID=${FAMILY_GRID:-2e-3,5e-3,1e-2}
     METHODS=${FAMILY_METHODS:-fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora}
@@ -150,12 +153,12 @@ case "${1:-}" in
     for alpha in 0.1 1; do
       [[ "$PART" == all || "$PART" == "a$alpha" ]] || continue
       compare family "${FAMILY[@]}" "alpha=$alpha" --root "runs/exp/family/a$alpha" \
-        --methods "$METHODS" "${grids[@]}"
+        --methods "$METHODS" "${grids[@]}" "${SELECT[@]}"
     done
     [[ "$PART" == all || "$PART" == ranks ]] || exit 0
     compare family-ranks "${FAMILY[@]}" alpha=0.1 method=flora client-ranks=4,8,16,32 \
       --root runs/exp/family/ranks-a0.1 --methods flora,flexlora,hetlora \
-      --lr-grid flora=$GRID --lr-grid flexlora=$GRID --lr-grid hetlora=$GRID
+      --lr-grid flora=$GRID --lr-grid flexlora=$GRID --lr-grid hetlora=$GRID "${SELECT[@]}"
     ;;
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
