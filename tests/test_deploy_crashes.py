@@ -39,7 +39,9 @@ def test_supernode_killed_mid_round_rejoins_and_nodes_join_late_or_leave(tiny_mo
             d.start_node(k, num=3)
         d.run(_settings(tiny_models("bert"), out, "num-clients=3", "clients-per-round=3",
                         "rounds=4", "max-train-samples=1500", "min-train-clients=1",
-                        "round-timeout=30"), join_timeout="3")
+                        "round-timeout=60"), join_timeout="3")
+        # round-timeout: long enough that the live nodes' round 1 does not time out on a
+        # machine busy with other work (30 s did, beside two test suites)
         wait_for("round 1", lambda: len(rounds_of(out)) >= 1, 150, d)
         first = rounds_of(out)[0]
         assert first["successes"] == 2
@@ -56,23 +58,32 @@ def test_supernode_killed_mid_round_rejoins_and_nodes_join_late_or_leave(tiny_mo
         assert "train message completed" not in after_kill  # killed mid-round, not after
         d.start_node(1, num=3)  # restarted: a new node id for partition 1
 
-        wait_for("round 3", lambda: len(rounds_of(out)) >= 3, 150, d)
+        wait_for("round 3", lambda: len(rounds_of(out)) >= 3, 240, d)
         d.kill("node2", signal.SIGTERM)  # leaves for good, gracefully
         d.kill("worker2")
         wait_for("the end of the run", lambda: _finished(out), 150, d)
         rounds = rounds_of(out)
         assert [r["round"] for r in rounds] == [1, 2, 3, 4]
         second, fourth = rounds[1], rounds[3]
-        # round 2: node 1's failure is logged and the others are aggregated
-        assert [(f["client"], f["kind"]) for f in second["failures"] if f["client"] == 1] \
-            == [(1, "timeout")], second["failures"]
+        # round 2: node 1's failure is logged once and the others are aggregated. Which comes
+        # first names it: our round-timeout, or Flower's missed heartbeats (about 2 x the
+        # heartbeat interval after the kill), which arrive first on a quiet machine at 60 s
+        killed = [f for f in second["failures"] if f["client"] == 1]
+        assert len(killed) == 1, second["failures"]
+        assert killed[0]["kind"] == "timeout" or (
+            killed[0]["kind"] == "error" and "Node Unavailable" in killed[0]["reason"]), killed
         assert second["successes"] >= 1 and not second["skipped"]
         # node 2 joined late and the restarted node 1 took its partition over; both trained
-        joined = next(r["round"] for r in rounds
-                      if any("partition 2" in n and "joined" in n for n in r.get("nodes", [])))
-        replaced = next(r["round"] for r in rounds
-                        if any("partition 1" in n and "replaces" in n for n in r.get("nodes", [])))
-        assert joined in (2, 3) and replaced == 3
+        nodes = [r.get("nodes", []) for r in rounds]
+        joined = next((r["round"] for r in rounds
+                       if any("partition 2" in n and "joined" in n for n in r.get("nodes", []))),
+                      None)
+        # the restarted node 1 "replaces" the dead one, or "joined" if Flower's missed heartbeats
+        # had already reported the dead one gone ("left")
+        replaced = next((r["round"] for r in rounds[1:]
+                         if any("partition 1" in n and ("replaces" in n or "joined" in n)
+                                for n in r.get("nodes", []))), None)
+        assert joined in (2, 3) and replaced == 3, nodes
         assert rounds[2]["successes"] == 3 and not rounds[2]["failures"], rounds[2]
         # round 4: node 2 is gone for good; the run says so and goes on with the others
         assert [f["client"] for f in fourth["failures"]] == [2], fourth
