@@ -112,6 +112,22 @@ def test_finished_and_unfinished_slora_runs_are_one_group(tmp_path):
     assert group.settings["lr"] == 5e-3 and len(group.runs) == 2
 
 
+def test_precision_auto_is_grouped_by_what_it_ran(tmp_path):
+    evals = [{}, {"metrics": {"accuracy": 0.5}}]
+    # precision=auto that ran fp32 (a CPU without bf16) and a run that asked for fp32: one
+    # precision, so no sweep of it; auto that ran bf16 is another.
+    write_run(tmp_path, "fedlr-s0", "fedlr", evals, precision="auto",
+              summary={"precision": "fp32"})
+    write_run(tmp_path, "fedlr-s1", "fedlr", evals, seed=1, precision="fp32",
+              summary={"precision": "fp32"})
+    (group,) = group_runs(find_runs([tmp_path]))
+    assert group.label == "fedlr" and len(group.runs) == 2
+    write_run(tmp_path, "fedlr-s2", "fedlr", evals, seed=2, precision="auto",
+              summary={"precision": "bf16"})
+    groups = group_runs(find_runs([tmp_path]))
+    assert sorted(g.label for g in groups) == ["fedlr precision=bf16", "fedlr precision=fp32"]
+
+
 # --- 10: drift records of either convention ---------------------------------------------------
 def drift(a: float, norms: str | None) -> dict:
     record = {"between": "weights", "mean": {"A": {"magnitude": a, "direction": a / 10},

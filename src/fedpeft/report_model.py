@@ -193,6 +193,9 @@ def group_runs(runs: Sequence[Run], choose: Sequence[str] = ()) -> list[Group]:
     for run in runs:
         settings = {k: v for k, v in run.config.items() if k not in NOT_RESULTS}
         settings["lr"] = run.lr  # the rate actually used (the method default when unset)
+        resolved = (run.summary or {}).get("precision")
+        if settings.get("precision") == "auto" and resolved:
+            settings["precision"] = resolved  # what auto ran on that machine: bf16 or fp32
         key = tuple(sorted((k, hashable(v)) for k, v in settings.items()))
         groups.setdefault(key, Group(key, [], settings=settings)).runs.append(run)
     kept = _choose_on_validation(list(groups.values()), ("lr", *choose))
