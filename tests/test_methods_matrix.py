@@ -62,7 +62,7 @@ def expected_trainable(method: str, arch: str, base: torch.nn.Module) -> int:
         "fedsa-lora": TARGETS * RANK * (D + D) + head,  # A and B train (only A travels)
         "rolora": TARGETS * RANK * (D + D) + head,  # the server's model: both factors
         "slora": TARGETS * round(DENSITY * D * D) + head,  # stage 1: the masked entries
-        # the federated-LoRA family: the server's model at lora-rank (tests/test_lora_family.py)
+        # the federated-LoRA family: the server's model at lora-rank (test_lora_family_runs.py)
         "flora": TARGETS * RANK * (D + D) + head,
         "flexlora": TARGETS * RANK * (D + D) + head,
         "fedex-lora": TARGETS * RANK * (D + D) + head,
@@ -81,7 +81,7 @@ def test_init_output_and_trainable_count(tiny_models, method, arch):
 
 
 # flora, flexlora, fedex-lora and hetlora aggregate with their own rules and move the frozen base
-# (flora, fedex-lora): their round on every architecture is tests/test_lora_family.py's
+# (flora, fedex-lora): their round on every architecture is tests/test_lora_family_runs.py's
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in OWN_RULE])
 def test_one_round_changes_exactly_the_trainable_tensors(tiny_models, method, arch):
