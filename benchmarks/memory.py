@@ -8,6 +8,7 @@ many clients vs one client, same method and model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,19 +30,15 @@ def tree_rss(root: psutil.Process) -> int:
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if marker in cmd and ("raylet" in cmd or "gcs_server" in cmd):
-            try:
+            with contextlib.suppress(psutil.Error):
                 procs += [p, *p.children(recursive=True)]
-            except psutil.Error:
-                pass
     total, seen = 0, set()
     for p in procs:
         if p.pid in seen:
             continue
         seen.add(p.pid)
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -50,10 +47,8 @@ def peak_rss(args: list[str]) -> tuple[int, float]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root, peak, start = psutil.Process(proc.pid), 0, time.perf_counter()
     while proc.poll() is None:
-        try:
+        with contextlib.suppress(psutil.Error):
             peak = max(peak, tree_rss(root))
-        except psutil.Error:
-            pass
         time.sleep(0.2)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read().decode()[-2000:])

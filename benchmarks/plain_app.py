@@ -212,7 +212,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     marks, replies = out["marks"], out["replies"]
     rounds = []
-    for (_, before), (server_round, after) in zip(marks, marks[1:]):
+    for (_, before), (server_round, after) in zip(marks, marks[1:], strict=False):
         got = replies.get(server_round, [])
         if len(got) != cfg.clients_per_round:
             raise RuntimeError(f"plain app: round {server_round} got {len(got)} valid replies, "

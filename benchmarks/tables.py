@@ -18,7 +18,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def throughput(*names: str) -> list[str]:
-    lines = ["| task:L | method | bare samples/s | local_train | federated | ratio | round seconds |",
+    lines = ["| task:L | method | bare samples/s | local_train | federated | ratio "
+             "| round seconds |",
              "|---|---|---:|---:|---:|---:|---|"]
     for name in names or ("throughput-main.json", "throughput-fedft-semeval-5rounds.json"):
         for r in json.loads((RESULTS / name).read_text()):

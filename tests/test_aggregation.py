@@ -58,8 +58,8 @@ def test_exact_lora_is_the_rank_r_truncation_of_the_mean_product():
     assert np.allclose(got, np.diag([1.5, 0.0, 0.0]), atol=1e-6)
     # FedAvg of factors gives 2*(.75e1+.25e2)(.75e1+.25e2)^T instead: not the mean update.
     plain = fedavg([c1, c2], [3, 1])
-    assert not np.allclose(2.0 * plain["l.lora_B.default.weight"] @ plain["l.lora_A.default.weight"],
-                           2.0 * np.diag([0.75, 0.25, 0.0]))
+    assert not np.allclose(2.0 * plain["l.lora_B.default.weight"]
+                           @ plain["l.lora_A.default.weight"], 2.0 * np.diag([0.75, 0.25, 0.0]))
     assert errors["l"] == pytest.approx(0.25 / np.sqrt(0.75**2 + 0.25**2), rel=1e-6)
     assert out["classifier.weight"][0] == pytest.approx(0.25)
 

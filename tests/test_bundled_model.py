@@ -1,7 +1,8 @@
 """Every method on the real task with the real model: SemEval-2010 Task 8 as the package ships it
 and the bundled all-MiniLM-L6-v2 (the demo's model), one federated round each in-process (two for
-SLoRA across its stage switch, and FedSA-LoRA), the ranked methods with heterogeneous client ranks. Tiny data,
-real weights and tokenizer: what the tiny random models of the other tests cannot show."""
+SLoRA across its stage switch, and FedSA-LoRA), the ranked methods with heterogeneous client
+ranks. Tiny data, real weights and tokenizer: what the tiny random models of the other tests
+cannot show."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ RANKED = {"flora", "flexlora", "hetlora"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_on_semeval_with_the_bundled_model(tmp_path, flower_identity,
+def test_every_method_trains_on_semeval_with_the_bundled_model(tmp_path, flower_identity,  # noqa: F811
                                                                method):  # noqa: F811
     # FedSA-LoRA's A only gets a gradient once the client's own B has left zero: two rounds
     extra = {"slora": ["rounds=2", "slora-stage1-rounds=1", "slora-density=0.05"],

@@ -6,8 +6,8 @@ from fedpeft.config import ConfigError, RunConfig, load_config, to_toml
 
 
 def test_overrides_are_typed_and_kebab_case():
-    cfg = load_config(None, ["num-clients=8", "clients-per-round=4", "alpha=0.5", "lr=1e-3", "target-modules=query,key",
-                             "max-length=none", "progress=false"])
+    cfg = load_config(None, ["num-clients=8", "clients-per-round=4", "alpha=0.5", "lr=1e-3",
+                             "target-modules=query,key", "max-length=none", "progress=false"])
     assert cfg.num_clients == 8 and cfg.alpha == 0.5 and cfg.lr == 1e-3
     assert cfg.target_modules == ["query", "key"]
     assert cfg.max_length is None and cfg.progress is False

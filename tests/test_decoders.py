@@ -52,7 +52,7 @@ def pretrained(path: str) -> torch.nn.Module:
 
 # --- what each method adapts ---------------------------------------------------------------------
 
-def test_target_modules_per_architecture(tiny_decoders):
+def test_target_modules_per_architecture(tiny_decoders):  # noqa: F811
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, Phi3Config
 
     expected = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -72,7 +72,7 @@ def test_target_modules_per_architecture(tiny_decoders):
         query_value_modules(llama, ["lm_head"])
 
 
-def test_a_causal_lm_has_no_new_head(tiny_decoders):
+def test_a_causal_lm_has_no_new_head(tiny_decoders):  # noqa: F811
     """The LM head is pretrained (tied to the embeddings in Llama/SmolLM2): it is not a task
     head, so FedLR trains the LoRA factors only and the embeddings stay frozen."""
     runtime = Runtime(cfg_for(tiny_decoders("llama"), "fedlr"))
@@ -84,7 +84,7 @@ def test_a_causal_lm_has_no_new_head(tiny_decoders):
 
 
 @pytest.mark.parametrize("arch", DECODERS)
-def test_federa_output_unchanged_at_init(tiny_decoders, arch):
+def test_federa_output_unchanged_at_init(tiny_decoders, arch):  # noqa: F811
     path = tiny_decoders(arch)
     server = Runtime(cfg_for(path, "federa"))
     anchor = server.method.make_anchor(server.model)
@@ -100,7 +100,7 @@ def test_federa_output_unchanged_at_init(tiny_decoders, arch):
     assert frozen_digest(client.model) == frozen_digest(server.model)
 
 
-def test_federa_on_gpt2_factors_the_conv1d_weight(tiny_decoders):
+def test_federa_on_gpt2_factors_the_conv1d_weight(tiny_decoders):  # noqa: F811
     """GPT-2's c_attn stores W transposed (d_in, d_out); FeDeRA's factors are those of W."""
     runtime = Runtime(cfg_for(tiny_decoders("gpt2"), "federa"))
     runtime.method.make_anchor(runtime.model)
@@ -115,7 +115,7 @@ def test_federa_on_gpt2_factors_the_conv1d_weight(tiny_decoders):
     assert torch.allclose(scaling * (b.double() @ a.double()), best, atol=1e-5)
 
 
-def test_fedbf_needs_biases(tiny_decoders):
+def test_fedbf_needs_biases(tiny_decoders):  # noqa: F811
     with pytest.raises(ValueError, match=r"method=fedbf trains the bias terms, and "
                        r"LlamaForCausalLM \(model type 'llama'\) has none"):
         Runtime(cfg_for(tiny_decoders("llama"), "fedbf"))
@@ -128,7 +128,7 @@ def test_fedbf_needs_biases(tiny_decoders):
     assert num_parameters(gpt2) == 2 * (32 + 96 + 32 + 32 + 128 + 32) + 32
 
 
-def test_budget_table_says_which_method_does_not_apply(tiny_decoders):
+def test_budget_table_says_which_method_does_not_apply(tiny_decoders):  # noqa: F811
     cfg = cfg_for(tiny_decoders("llama"), "fedlr")
     table = budget_table(cfg, SEVEN).splitlines()
     rows = {line.split(" | ")[0].strip("| "): line for line in table[3:]}
@@ -146,7 +146,7 @@ CASES = [(m, "llama") for m in SEVEN if m != "fedbf"] + [
 
 
 @pytest.mark.parametrize("method, arch", CASES)
-def test_one_federated_round(tiny_decoders, tmp_path, flower_identity, method, arch):
+def test_one_federated_round(tiny_decoders, tmp_path, flower_identity, method, arch):  # noqa: F811
     """The real ServerApp and ClientApp handlers: every trainable tensor of the global model
     moves, the frozen base does not, and the round is scored by generation."""
     cfg = tiny_config(tiny_decoders(arch), str(tmp_path / "run"), "task=squad-gen",
@@ -179,7 +179,7 @@ MERGING = {"flora", "fedex-lora"}  # they fold each round's update into the froz
 
 
 @pytest.mark.parametrize("method", FAMILY)
-def test_the_federated_lora_family_on_a_decoder(tiny_decoders, tmp_path, flower_identity, method):
+def test_the_federated_lora_family_on_a_decoder(tiny_decoders, tmp_path, flower_identity, method):  # noqa: F811
     """The 2024-25 methods on a tiny Llama, one round scored by generation; the ranked ones with
     heterogeneous client ranks. The global model moved: through its LoRA factors, or, for the
     methods that merge, through the base (whose digest then changes, and only then)."""

@@ -1,6 +1,7 @@
 """A real Flower deployment on loopback: a SuperLink, 2 SuperNodes (each with its warm worker),
 `flwr run` of the deploy/ app, 2 rounds of a tiny model, then every process is stopped."""
 
+import contextlib
 import json
 import os
 import signal
@@ -40,10 +41,8 @@ def _free_ports(n):
 
 def _kill_groups(pids):
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_without_a_chat_template_the_plain_prompt_and_eos():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_loss_is_the_hand_computed_answer_cross_entropy(tiny_decoders, arch):
+def test_batched_loss_is_the_hand_computed_answer_cross_entropy(tiny_decoders, arch):  # noqa: F811
     """Left padding, position ids and the kept last logits give the mean cross-entropy over the
     answer tokens that full logits of each row alone give (GPT-2 has absolute positions, so
     wrong position ids would show)."""
@@ -87,7 +87,7 @@ def test_batched_loss_is_the_hand_computed_answer_cross_entropy(tiny_decoders, a
     assert batched == pytest.approx(nll / count, rel=1e-4)
 
 
-def test_overfit_model_generates_the_answer_and_scores_it(tiny_decoders):
+def test_overfit_model_generates_the_answer_and_scores_it(tiny_decoders):  # noqa: F811
     """A tiny Llama trained on two questions answers them greedily: generation, decoding,
     post-processing and the SQuAD scores end to end (exact match 1 on both)."""
     cfg = load_config(None, [f"model={tiny_decoders('llama')}", "task=squad-gen", "method=fedft",

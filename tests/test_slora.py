@@ -46,7 +46,8 @@ def test_masks_hand_checked():
     assert len(sparse_indices(1000, 1e-6, np.random.default_rng(0))) == 1  # at least one entry
     a, b = target_masks([100, 100], 0.1, seed=7)
     assert len(a) == len(b) == 10 and not np.array_equal(a, b)  # one draw per target
-    assert all(np.array_equal(x, y) for x, y in zip(target_masks([100, 100], 0.1, 7), (a, b)))
+    assert all(np.array_equal(x, y)
+               for x, y in zip(target_masks([100, 100], 0.1, 7), (a, b), strict=True))
     assert [stage_of(r, 2) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
 
 

@@ -173,7 +173,8 @@ def _task_section(task: str, runs: list[Run], folder: Path, prefix: str, plots: 
                   "(slowest client's measured local training + the round's bytes down and up per "
                   "successful client, every attempt of a retried round included, as in `MB / "
                   f"client-round`, at {bandwidth_mbit:g} Mbit/s). One-off: the server's SVD for "
-                  "FeDeRA/SLoRA (`seconds-svd` of the summary; runs older than that field: `(setup)` = "
+                  "FeDeRA/SLoRA (`seconds-svd` of the summary; runs older than that field: "
+                  "`(setup)` = "
                   "FeDeRA's whole server set-up, `(aggregate)` = SLoRA's slowest aggregation, "
                   "upper bounds).", "",
                   tables.time_to_target_table(groups, metric, goal, bandwidth_mbit), ""]

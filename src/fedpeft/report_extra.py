@@ -74,8 +74,8 @@ def rank_bytes_table(groups: Sequence[Group]) -> str:
     for g in groups:
         for rank, (clients, down, up) in rank_bytes(g.runs).items():
             if clients:
-                lines.append(md_row([g.label, str(rank), str(clients), f"{down / clients / 1e6:.3f}",
-                                   f"{up / clients / 1e6:.3f}"]))
+                lines.append(md_row([g.label, str(rank), str(clients),
+                                     f"{down / clients / 1e6:.3f}", f"{up / clients / 1e6:.3f}"]))
     return "\n".join(lines)
 
 

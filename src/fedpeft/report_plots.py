@@ -126,7 +126,7 @@ def plot_sweep(groups: Sequence[Group], metric: str, swept: Sequence[str], path:
         if not points:
             continue
         points.sort()
-        x, y, err = (np.array(column) for column in zip(*points))
+        x, y, err = (np.array(column) for column in zip(*points, strict=True))
         ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", markersize=4,
                     capsize=3, color=f"C{i % 10}", label=method)
         xs_all.extend(x)

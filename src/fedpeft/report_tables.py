@@ -176,7 +176,7 @@ def sweep_table(groups: Sequence[Group], metric: str, swept: Sequence[str]) -> s
     columns = [*swept, *(["trainable params"] if show_params else []),
                *(f"{m} final {metric}" for m in methods)]
     lines = [md_row(columns), md_rule(len(columns))]
-    for (values, row), counts in zip(rows, params):
+    for (values, row), counts in zip(rows, params, strict=True):
         cells = [fmt_setting(v) for v in values]
         if show_params:
             cells.append(" / ".join("-" if c is None else f"{c:,}" for c in counts))

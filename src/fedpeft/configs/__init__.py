@@ -3,11 +3,11 @@
 
 | dataclass | settings of | file |
 |---|---|---|
-| ``LoraConfig`` | the LoRA family (fedlr, federa, ffa-lora, slora, the 2024-25 methods) | ``lora.py`` |
-| ``RankedLoraConfig`` | flora, flexlora, hetlora: a rank per client, HetLoRA's pruning | ``lora.py`` |
+| ``LoraConfig`` | the LoRA family (fedlr, federa, ffa-lora, slora, 2024-26 ones) | ``lora.py`` |
+| ``RankedLoraConfig`` | flora, flexlora, hetlora: ranks per client, pruning | ``lora.py`` |
 | ``SLoRAConfig`` | slora's sparse first stage | ``slora.py`` |
 | ``AdapterConfig`` | fedap's Houlsby adapters | ``adapter.py`` |
-| ``StrategyConfig`` | the Flower strategy, its server optimiser, robust rules, DP | ``strategy.py`` |
+| ``StrategyConfig`` | Flower strategy, server optimiser, robust rules, DP | ``strategy.py`` |
 | ``TaskConfig`` | bring-your-own files, NER, QA, generative tasks | ``tasks.py`` |
 
 ``fedpeft.config.RunConfig`` keeps what every run has and is composed of these (dataclass

@@ -28,7 +28,7 @@ class SLoRAConfig:
         # the upper bound only where SLoRA runs: a `compare` over several methods shares one
         # slora-stage1-rounds, and a shorter run of another method ignores it
         slora = getattr(self, "method", "slora") == "slora"
-        if r1 is not None and not (1 <= r1 and (rounds is None or not slora or r1 <= rounds)):
+        if r1 is not None and not (r1 >= 1 and (rounds is None or not slora or r1 <= rounds)):
             raise ConfigError(f"slora-stage1-rounds must be in [1, rounds={rounds}], got {r1}")
         if self.slora_stage1_lr is not None and not self.slora_stage1_lr > 0:
             raise ConfigError(f"slora-stage1-lr must be > 0, got {self.slora_stage1_lr}")
@@ -39,4 +39,4 @@ class SLoRAConfig:
         if getattr(self, "method", "slora") == "slora" and self.slora_stage1_rounds is None:
             earlier = (saved or {}).get("slora-stage1-rounds")
             self.slora_stage1_rounds = (int(earlier) if earlier
-                                        else max(1, getattr(self, "rounds") // 4))
+                                        else max(1, self.rounds // 4))

@@ -11,7 +11,8 @@ from .base import ConfigError, setting
 
 @dataclass
 class StrategyConfig:
-    """Aggregation: Flower strategies, server optimisers, robust rules, DP (federation/strategies/)"""
+    """Aggregation: Flower strategies, server optimisers, robust rules, DP (see
+    federation/strategies/)."""
 
     aggregation: str = setting("fedavg", "fedavg | exact-lora (mean of s*B*A refactored by SVD)")
     strategy: str = setting("fedavg", "a Flower strategy by name (see `fedpeft strategies`)")

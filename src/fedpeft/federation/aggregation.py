@@ -59,7 +59,8 @@ class WeightedMean:
 
 
 def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:
-    """(A key, B key) pairs of the LoRA layers in a state (PEFT names ``...lora_A.<adapter>...``)."""
+    """(A key, B key) pairs of the LoRA layers in a state (PEFT's names:
+    ``...lora_A.<adapter>...``)."""
     pairs = []
     for key in keys:
         if ".lora_A." in key:

@@ -38,11 +38,13 @@ class Features:
         """The features of the given examples (a client's shard), in feature order."""
         keep = np.isin(self.example_index, np.asarray(example_ids, dtype=np.int64))
         idx = np.flatnonzero(keep)
-        extra = {k: [v[i] for i in idx] if isinstance(v, list) else v for k, v in self.extra.items()}
+        extra = {k: [v[i] for i in idx] if isinstance(v, list) else v
+                 for k, v in self.extra.items()}
         return Features([self.rows[i] for i in idx], self.example_index[idx], extra)
 
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(r["input_ids"]) for r in self.rows), dtype=np.int64, count=len(self))
+        return np.fromiter((len(r["input_ids"]) for r in self.rows), dtype=np.int64,
+                           count=len(self))
 
 
 class Task(ABC):
@@ -96,7 +98,8 @@ class Task(ABC):
             if source == "train" and self.cfg.valid_fraction > 0:
                 rng = np.random.default_rng([self.cfg.seed, 2])
                 held = rng.random(len(examples)) < self.cfg.valid_fraction
-                examples = [e for e, h in zip(examples, held, strict=True) if h == (split == "valid")]
+                examples = [e for e, h in zip(examples, held, strict=True)
+                            if h == (split == "valid")]
             elif split == "valid":
                 raise ValueError("the valid split needs valid-fraction > 0")
             limit = self.cfg.max_test_samples if split == "test" else self.cfg.max_train_samples

@@ -58,7 +58,8 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: torch.nn.Module, examples: list[dict[str, Any]], features: Features,
                  tokenizer: Any, device: torch.device) -> dict[str, float]:
-        preds = predict(model, features.rows, lambda rows: self.collate(rows, tokenizer.pad_token_id),
+        preds = predict(model, features.rows,
+                        lambda rows: self.collate(rows, tokenizer.pad_token_id),
                         batch_size=self.cfg.eval_batch_size, device=device,
                         precision=self.cfg.precision,
                         outputs=lambda out, batch: out.logits.argmax(-1).tolist())
