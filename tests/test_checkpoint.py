@@ -14,12 +14,15 @@ from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 from scaffold import alive_in_groups
 
 from fedpeft.config import ConfigError, RunConfig, load_config
+from fedpeft import training
 from fedpeft.federation.checkpoint import (
+    PRECISION_RAN,
     Checkpoint,
     check_resumable,
     load_checkpoint,
     resume_config,
     save_checkpoint,
+    saved_config,
 )
 from fedpeft.runlog import RunExistsError, load_state, read_rounds
 
@@ -51,6 +54,44 @@ def test_resume_may_change_how_but_not_what():
         check_resumable(saved, RunConfig(rounds=5, lr=0.01), done=2)
     with pytest.raises(ConfigError, match="already finished round 5"):
         check_resumable(saved, RunConfig(rounds=4), done=5)
+
+
+def test_precision_is_compared_by_what_it_computes(monkeypatch):
+    saved = {**RunConfig(rounds=5).to_dict(), PRECISION_RAN: "fp32"}  # auto that ran in fp32
+    monkeypatch.setattr(training, "native_bf16", lambda device: True)  # here auto means bf16
+    check_resumable(saved, RunConfig(rounds=8, precision="fp32"), done=5)  # as it ran
+    with pytest.raises(ConfigError, match=r"trained its 5 rounds in fp32 \(precision=auto\), "
+                       r"and precision=auto computes in bf16 here.*Pass precision=fp32"):
+        check_resumable(saved, RunConfig(rounds=8), done=5)
+    with pytest.raises(ConfigError, match=r"lr: None -> 0.01, precision: 'auto' -> 'auto'"):
+        check_resumable(saved, RunConfig(rounds=8, lr=0.01), done=5)  # both named
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)  # auto is fp32 here too
+    check_resumable(saved, RunConfig(rounds=8), done=5)
+    with pytest.raises(ConfigError, match="computes in bf16 here"):
+        check_resumable(saved, RunConfig(rounds=8, precision="bf16"), done=5)
+    # a run saved before the record is compared as written
+    with pytest.raises(ConfigError, match=r"precision: 'auto' -> 'fp32'"):
+        check_resumable(RunConfig(rounds=5).to_dict(), RunConfig(precision="fp32"), done=5)
+
+
+def test_runs_record_the_precision_they_computed_in(tiny_models, tmp_path,
+                                                    flower_identity):  # noqa: F811
+    cfg = tiny_config(tiny_models("bert"), str(tmp_path / "run"), "rounds=1")  # precision=auto
+    ran = run_inprocess(cfg)["precision"]
+    assert ran in ("bf16", "fp32")
+    assert load_checkpoint(cfg.run_dir()).config[PRECISION_RAN] == ran
+    # a checkpoint written before the record: a finished run's summary says it
+    old = load_checkpoint(cfg.run_dir())
+    old.config.pop(PRECISION_RAN)
+    save_checkpoint(cfg.run_dir(), old)
+    assert saved_config(cfg.run_dir()) == ({**old.config, PRECISION_RAN: ran}, 1)
+    # continued under the precision it ran in, spelt out: the same run, extended
+    summary = run_inprocess(resume_config(cfg.run_dir(), ["rounds=2", f"precision={ran}"]),
+                            resume=True)
+    assert (summary["rounds"], summary["resumed-from-round"], summary["precision"]) == (2, 1, ran)
+    assert load_checkpoint(cfg.run_dir()).config[PRECISION_RAN] == ran
+    (cfg.run_dir() / "checkpoint.safetensors").unlink()  # a finished run without checkpoint
+    assert saved_config(cfg.run_dir())[0][PRECISION_RAN] == ran
 
 
 def test_run_folders_are_protected(tiny_models, tmp_path, flower_identity):  # noqa: F811

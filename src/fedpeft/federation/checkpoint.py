@@ -28,6 +28,10 @@ FILE = "checkpoint.safetensors"
 STRATEGY_PREFIX = "@strategy/"  # tensors of the strategy's state, beside the global state
 _META_KEY = "fedpeft-checkpoint"
 VERSION = 1
+# the precision a run computes in ("bf16" or "fp32", what ``precision=auto`` meant on the
+# server's device), kept beside the settings of its checkpoint; a finished run's summary.json
+# has it as "precision"
+PRECISION_RAN = "precision-ran"
 
 @dataclass
 class Checkpoint:
@@ -102,8 +106,27 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, done: int) -> None:
     """Raise ``ConfigError`` unless ``cfg`` continues the run whose resolved config is ``saved``
     and which has finished ``done`` rounds: every setting that can change a result must be
-    equal (``config.differing_settings``), and ``rounds`` may only grow."""
+    equal (``config.differing_settings``), and ``rounds`` may only grow.
+
+    ``precision`` is compared by what it computes (``PRECISION_RAN``, where the run recorded
+    it): ``precision=auto`` that ran in fp32 on a CPU without native bf16 continues as
+    ``precision=fp32``, and refuses to continue as ``auto`` where that means bf16, which would
+    splice fp32 and bf16 rounds into one run."""
     changed = differing_settings(saved, cfg)
+    ran = saved.get(PRECISION_RAN)
+    if ran:
+        from ..training import resolve_device, resolve_precision
+
+        here = resolve_precision(resolve_device(cfg.device), cfg.precision)
+        changed = [key for key in changed if key != "precision"]
+        if here != ran and changed:
+            changed = sorted([*changed, "precision"])
+        elif here != ran:
+            raise ConfigError(
+                f"{cfg.run_dir()} trained its {done} rounds in {ran} (precision="
+                f"{saved.get('precision')}), and precision={cfg.precision} computes in {here} "
+                f"here; continuing would splice {ran} and {here} rounds into one run. Pass "
+                f"precision={ran} to continue it as it ran, or use another out=/--root")
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.to_dict().get(k)!r}"
                           for k in changed[:6])
@@ -125,11 +148,7 @@ def saved_config(run_dir: str | Path) -> tuple[dict[str, Any] | None, int]:
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is not None:
-        config = dict(checkpoint.config)
-        stage1 = checkpoint.method_state.get("stage1-rounds")
-        if config.get("slora-stage1-rounds") is None and stage1:  # saved before it was resolved
-            config["slora-stage1-rounds"] = int(stage1)
-        return config, checkpoint.round
+        return checkpoint_config(checkpoint, run_dir), checkpoint.round
     if (run_dir / "config.toml").exists():
         import tomllib
 
@@ -139,13 +158,55 @@ def saved_config(run_dir: str | Path) -> tuple[dict[str, Any] | None, int]:
             raise ConfigError(f"{run_dir / 'config.toml'} is not a readable run config: {err}"
                               ) from None
         defaults = RunConfig().to_dict()
-        summary = run_dir / "summary.json"
+        summary = _summary(run_dir)
         try:
-            done = int(json.loads(summary.read_text()).get("rounds", 0)) if summary.exists() else 0
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            raise ConfigError(f"{summary} is not a readable run summary") from None
-        return {**{k: None for k, v in defaults.items() if v is None}, **data}, done
+            done = int(summary.get("rounds", 0))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{run_dir / 'summary.json'} is not a readable run summary"
+                              ) from None
+        ran = {PRECISION_RAN: summary["precision"]} if summary.get("precision") else {}
+        return {**{k: None for k, v in defaults.items() if v is None}, **data, **ran}, done
     return None, 0
+
+
+def checkpoint_config(checkpoint: Checkpoint, run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config of ``checkpoint``'s run, with what older checkpoints lacked: SLoRA's
+    switch round from the method state, and the precision it ran in from the summary of a run
+    that finished at the checkpoint's round."""
+    config = dict(checkpoint.config)
+    stage1 = checkpoint.method_state.get("stage1-rounds")
+    if config.get("slora-stage1-rounds") is None and stage1:  # saved before it was resolved
+        config["slora-stage1-rounds"] = int(stage1)
+    if PRECISION_RAN not in config:
+        summary = _summary(Path(run_dir))
+        if summary.get("precision") and summary.get("rounds") == checkpoint.round:
+            config[PRECISION_RAN] = summary["precision"]
+    return config
+
+
+def keep_precision_record(run_dir: str | Path, saved: dict[str, Any]) -> None:
+    """Write ``saved``'s ``PRECISION_RAN`` into the checkpoint of ``run_dir`` where it lacks
+    one (written before the record; ``saved_config`` took it from the summary, which a resumed
+    run removes)."""
+    checkpoint = load_checkpoint(run_dir)
+    if (checkpoint is not None and PRECISION_RAN not in checkpoint.config
+            and saved.get(PRECISION_RAN)):
+        checkpoint.config = {**checkpoint.config, PRECISION_RAN: saved[PRECISION_RAN]}
+        save_checkpoint(run_dir, checkpoint)
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """``run_dir``'s summary.json ({} if it has none); ``ConfigError`` if it cannot be read."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} is not a readable run summary")
+    return summary
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -40,8 +40,11 @@ from ..schedule import client_lr  # noqa: E402
 from ..tracking import check_available, open_tracker  # noqa: E402
 from ..training import resolve_precision, warn_emulated_bf16  # noqa: E402
 from .checkpoint import (  # noqa: E402
+    PRECISION_RAN,
     Checkpoint,
     check_resumable,
+    checkpoint_config,
+    keep_precision_record,
     load_checkpoint,
     save_checkpoint,
     saved_config,
@@ -106,6 +109,7 @@ def open_run(cfg: RunConfig, overwrite: bool = False, resume: bool = False
         runtime = prepare(cfg)
         log = RunLog(path)
         atomic_write(path / "config.toml", to_toml(cfg))  # the settings now in force
+        keep_precision_record(path, saved)  # before the summary that may hold it goes
         (path / "summary.json").unlink(missing_ok=True)
         return log, runtime, None
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -123,6 +127,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     started = time.perf_counter()
     cfg = cfg.resolved(saved_config(log.path)[0] if resume else None)
     runtime = runtime if runtime is not None else prepare(cfg)
+    # what precision=auto means here (the server's device; clients resolve it alike)
+    precision = resolve_precision(runtime.device, cfg.precision)
     anchor_t = runtime.method.make_anchor(runtime.model)
     anchor = {k: v.detach().cpu().numpy() for k, v in anchor_t.items()} if anchor_t else None
     anchor_key = anchor_id(anchor)
@@ -139,7 +145,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
     sampler = np.random.default_rng([cfg.seed, 0x5A])
     checkpoint = load_checkpoint(log.path) if resume else None
     if checkpoint is not None:
-        check_resumable(checkpoint.config, cfg, checkpoint.round)
+        check_resumable(checkpoint_config(checkpoint, log.path), cfg, checkpoint.round)
         if checkpoint.anchor_id != anchor_key:
             raise ConfigError("the checkpoint's anchor differs from this model's; was the model "
                               "folder changed?")
@@ -265,7 +271,8 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
             round=server_round, global_state=global_state, sampler=sampler.bit_generator.state,
             anchored=[p for p, a in nodes.anchors.items() if anchor_key and a == anchor_key],
             method_state=runtime.method.state_dict(), history=history, anchor_id=anchor_key,
-            config=cfg.to_dict(), seconds=before + time.perf_counter() - started,
+            config={**cfg.to_dict(), PRECISION_RAN: precision},
+            seconds=before + time.perf_counter() - started,
             strategy_state=saved_strategy, strategy_tensors=strategy_tensors))
         if on_round is not None:
             on_round(record)
@@ -284,8 +291,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: RunLog,
         "frozen-digest-end": frozen_digest(runtime.model),
         **({"baseline": baseline} if (baseline := runtime.task.baseline()) else {}),
         "strategy": cfg.strategy,
-        # what precision=auto meant here (the server's evaluation; clients resolve it alike)
-        "precision": resolve_precision(runtime.device, cfg.precision),
+        "precision": precision,
         **({"privacy": privacy_spent(strategy) or {"note": accounting_note(cfg)}}
            if cfg.dp != "none" else {}),
     })
