@@ -13,8 +13,8 @@ import pytest
 from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
 from scaffold import alive_in_groups
 
-from fedpeft.config import ConfigError, RunConfig, load_config
 from fedpeft import training
+from fedpeft.config import ConfigError, RunConfig, load_config
 from fedpeft.federation.checkpoint import (
     PRECISION_RAN,
     Checkpoint,
