@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,19 @@ def run_inprocess(cfg: RunConfig, grid: InProcessGrid | None = None, resume: boo
         return run_server(grid, cfg, log, runtime=runtime, resume=resume)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_stopped_and_resumed(model: str, root: Path, rounds: int, stop_after: int,
+                            *overrides: str) -> tuple[RunConfig, RunConfig, dict, dict]:
+    """The same tiny run twice: uninterrupted to ``rounds`` (``root/full``), and stopped after
+    round ``stop_after`` then resumed to ``rounds`` (``root/part``). Returns both configs and
+    both summaries: ``(full, part, full's summary, the resumed run's summary)``."""
+    from fedpeft.federation.checkpoint import resume_config
+
+    full = tiny_config(model, str(root / "full"), f"rounds={rounds}", *overrides)
+    expected = run_inprocess(full)
+    part = tiny_config(model, str(root / "part"), f"rounds={stop_after}", *overrides)
+    run_inprocess(part)
+    resumed = run_inprocess(resume_config(part.run_dir(), [f"rounds={rounds}"]), resume=True)
+    return full, part, expected, resumed
+

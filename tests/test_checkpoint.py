@@ -10,7 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
+from inprocess import (  # noqa: F401
+    flower_identity,
+    run_inprocess,
+    run_stopped_and_resumed,
+    tiny_config,
+)
 from scaffold import alive_in_groups
 
 from fedpeft import training
@@ -109,13 +114,9 @@ def test_run_folders_are_protected(tiny_models, tmp_path, flower_identity):  # n
 def test_resumed_run_equals_uninterrupted_run(tiny_models, tmp_path, method,
                                               flower_identity):  # noqa: F811
     extra = ["slora-stage1-rounds=2", "slora-density=0.1"] if method == "slora" else []
-    full = tiny_config(tiny_models("bert"), str(tmp_path / "full"), "rounds=4",
-                       f"method={method}", "fail-rate=0.3", *extra)
-    expected = run_inprocess(full)
-    part = tiny_config(tiny_models("bert"), str(tmp_path / "part"), "rounds=2",
-                       f"method={method}", "fail-rate=0.3", *extra)
-    run_inprocess(part)  # stops after round 2: SLoRA switches to LoRA at the end of round 2
-    resumed = run_inprocess(resume_config(part.run_dir(), ["rounds=4"]), resume=True)
+    # stopped after round 2: SLoRA switches to LoRA at the end of round 2
+    _, _, expected, resumed = run_stopped_and_resumed(
+        tiny_models("bert"), tmp_path, 4, 2, f"method={method}", "fail-rate=0.3", *extra)
     _assert_same_run(tmp_path / "full", tmp_path / "part", expected, resumed)
     assert resumed["resumed-from-round"] == 2
 

@@ -11,7 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from inprocess import InProcessGrid, flower_identity, run_inprocess, tiny_config  # noqa: F401
+from inprocess import (  # noqa: F401
+    InProcessGrid,
+    flower_identity,
+    run_inprocess,
+    run_stopped_and_resumed,
+    tiny_config,
+)
 from test_checkpoint import _assert_same_run, _safe_load
 
 from fedpeft.budget import method_budget
@@ -191,14 +197,9 @@ def test_client_store_versions_replays_and_cleanup(tmp_path):
 def test_fedsa_resumed_in_process_equals_uninterrupted(tiny_models, tmp_path,
                                                        flower_identity):  # noqa: F811
     """Stopped after round 2 and resumed: the clients' B come back from the store."""
-    extra = ["method=fedsa-lora", "local-test-fraction=0.25", "fail-rate=0.3"]
-    full = tiny_config(tiny_models("bert"), str(tmp_path / "full"), "rounds=4", *extra)
-    expected = run_inprocess(full)
-    part = tiny_config(tiny_models("bert"), str(tmp_path / "part"), "rounds=2", *extra)
-    run_inprocess(part)
-    from fedpeft.federation.checkpoint import resume_config
-
-    resumed = run_inprocess(resume_config(part.run_dir(), ["rounds=4"]), resume=True)
+    full, part, expected, resumed = run_stopped_and_resumed(
+        tiny_models("bert"), tmp_path, 4, 2, "method=fedsa-lora", "local-test-fraction=0.25",
+        "fail-rate=0.3")
     _assert_same_run(tmp_path / "full", tmp_path / "part", expected, resumed)
     def local(run):
         return [(r["round"], r["local-eval"]["values"]) for r in read_rounds(run)]

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from inprocess import flower_identity, run_inprocess, tiny_config  # noqa: F401
+from inprocess import (  # noqa: F401
+    flower_identity,
+    run_inprocess,
+    run_stopped_and_resumed,
+    tiny_config,
+)
 
 from fedpeft.config import load_config
 from fedpeft.federation.state import to_record
@@ -118,14 +123,9 @@ def test_fedex_bytes_down_include_the_folded_residual(tiny_models, tmp_path,
 def test_hetlora_resumed_run_equals_uninterrupted(tiny_models, tmp_path,
                                                    flower_identity):  # noqa: F811
     """The pruned ranks are server state: checkpointed, so a resume truncates as before."""
-    from fedpeft.federation.checkpoint import resume_config
-
-    extra = ["method=hetlora", "client-ranks=2,4", "hetlora-lambda=0.5"]
-    full = tiny_config(tiny_models("bert"), str(tmp_path / "full"), "rounds=3", *extra)
-    expected = run_inprocess(full)
-    part = tiny_config(tiny_models("bert"), str(tmp_path / "part"), "rounds=2", *extra)
-    run_inprocess(part)
-    resumed = run_inprocess(resume_config(part.run_dir(), ["rounds=3"]), resume=True)
+    full, part, expected, resumed = run_stopped_and_resumed(
+        tiny_models("bert"), tmp_path, 3, 2, "method=hetlora", "client-ranks=2,4",
+        "hetlora-lambda=0.5")
     a = load_state(full.run_dir() / "final_state.safetensors")
     b = load_state(part.run_dir() / "final_state.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
