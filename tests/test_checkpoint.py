@@ -70,6 +70,9 @@ def test_precision_is_compared_by_what_it_computes(monkeypatch):
         check_resumable(saved, RunConfig(rounds=8), done=5)
     with pytest.raises(ConfigError, match=r"lr: None -> 0.01, precision: 'auto' -> 'auto'"):
         check_resumable(saved, RunConfig(rounds=8, lr=0.01), done=5)  # both named
+    check_resumable(saved, RunConfig(rounds=5), done=5)  # finished: reused, nothing to train
+    with pytest.raises(ConfigError, match="computes in bf16 here"):  # not what was asked for
+        check_resumable(saved, RunConfig(rounds=5, precision="bf16"), done=5)
     monkeypatch.setattr(training, "native_bf16", lambda device: False)  # auto is fp32 here too
     check_resumable(saved, RunConfig(rounds=8), done=5)
     with pytest.raises(ConfigError, match="computes in bf16 here"):

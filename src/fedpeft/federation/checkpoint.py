@@ -110,14 +110,21 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, done: int) -> None:
 
     ``precision`` is compared by what it computes (``PRECISION_RAN``, where the run recorded
     it): ``precision=auto`` that ran in fp32 on a CPU without native bf16 continues as
-    ``precision=fp32``, and refuses to continue as ``auto`` where that means bf16, which would
-    splice fp32 and bf16 rounds into one run."""
+    ``precision=fp32``; continuing it as ``auto`` where that means bf16 is refused, since it
+    would splice fp32 and bf16 rounds into one run. A finished run asked for with ``auto`` is
+    reused as it ran (nothing left to train), one asked for with fp32 or bf16 only if it ran so.
+    """
     changed = differing_settings(saved, cfg)
     ran = saved.get(PRECISION_RAN)
     if ran:
         from ..training import resolve_device, resolve_precision
 
-        here = resolve_precision(resolve_device(cfg.device), cfg.precision)
+        if cfg.precision != "auto":
+            here = cfg.precision
+        elif cfg.rounds > done:
+            here = resolve_precision(resolve_device(cfg.device), cfg.precision)
+        else:
+            here = ran
         changed = [key for key in changed if key != "precision"]
         if here != ran and changed:
             changed = sorted([*changed, "precision"])
