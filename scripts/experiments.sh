@@ -29,8 +29,9 @@ mkdir -p runs/exp/logs
 # A committed run that finished (it has summary.json) and has no folder under runs/exp/ yet is
 # copied there, so the lane counts it as done ("finished, not redone": `fedpeft compare` checks
 # its saved config against the job's) and a lane spread over several machines or sessions
-# only trains what is still missing. Unfinished runs are not copied: their checkpoints are not
-# committed, so they start again. RESTORE=0 skips this.
+# only trains what is still missing. An unfinished run whose checkpoint was committed
+# (SAVE_CHECKPOINTS=1 bash scripts/results.sh) is copied whole, so it resumes from its last
+# committed round; other unfinished runs start again. RESTORE=0 skips this.
 if [[ "${RESTORE:-1}" != 0 && -d results/runs ]]; then
   (cd results/runs && find . -name summary.json -printf '%h\n') | while read -r run; do
     if [ ! -e "runs/exp/$run" ]; then
@@ -39,6 +40,12 @@ if [[ "${RESTORE:-1}" != 0 && -d results/runs ]]; then
       if [ -f "results/runs/$run/partition.json" ]; then
         cp "results/runs/$run/partition.json" "runs/exp/$run/"
       fi
+    fi
+  done
+  (cd results/runs && find . -name checkpoint.safetensors -printf '%h\n') | while read -r run; do
+    if [[ ! -e "runs/exp/$run" && ! -f "results/runs/$run/summary.json" ]]; then
+      mkdir -p "runs/exp/$(dirname "$run")"
+      cp -r "results/runs/$run" "runs/exp/$run"
     fi
   done
 fi

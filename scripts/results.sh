@@ -6,6 +6,15 @@
 #
 # Unfinished runs are copied as they stand (the report marks them done/planned); run again
 # after more rounds. The comparisons of BENCHMARKS.md are reported into benchmarks/results/.
+#
+#   SAVE_CHECKPOINTS=1 bash scripts/results.sh   # also an unfinished run's checkpoint
+#
+# copies the checkpoint.safetensors (and the clients/ state of methods whose clients keep state,
+# FedSA-LoRA's B) of every unfinished run up to CHECKPOINT_MAX_MB (default 25) MB, so that a lane
+# cut off with its machine resumes on the next one from the committed tree
+# (scripts/experiments.sh restores them). A run that has finished drops its committed checkpoint.
+# clients/ keeps versions by round (client_store.py), so a copy taken right after the
+# checkpoint's holds what the checkpoint's next round needs, even while the lane goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDPEFT=${FEDPEFT:-.venv/bin/fedpeft}
@@ -16,6 +25,21 @@ if [ -d runs/exp ]; then
     for file in config.toml rounds.jsonl summary.json partition.json; do
       if [ -f "runs/exp/$run/$file" ]; then cp "runs/exp/$run/$file" "results/runs/$run/$file"; fi
     done
+    if [ -f "runs/exp/$run/summary.json" ]; then
+      rm -rf "results/runs/$run/checkpoint.safetensors" "results/runs/$run/clients"
+    elif [[ "${SAVE_CHECKPOINTS:-0}" == 1 && -f "runs/exp/$run/checkpoint.safetensors" ]]; then
+      size=$(du -sm "runs/exp/$run/checkpoint.safetensors" | cut -f1)
+      if [ -d "runs/exp/$run/clients" ]; then
+        size=$((size + $(du -sm "runs/exp/$run/clients" | cut -f1)))
+      fi
+      if [ "$size" -le "${CHECKPOINT_MAX_MB:-25}" ]; then
+        cp "runs/exp/$run/checkpoint.safetensors" "results/runs/$run/"
+        rm -rf "results/runs/$run/clients"
+        if [ -d "runs/exp/$run/clients" ]; then cp -r "runs/exp/$run/clients" "results/runs/$run/"; fi
+      else
+        echo "results.sh: $run's checkpoint is ${size} MB (> CHECKPOINT_MAX_MB), not copied" >&2
+      fi
+    fi
   done
 fi
 

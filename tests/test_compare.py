@@ -233,6 +233,58 @@ def test_select_at_reuses_a_finished_full_run_scored_at_that_round(tmp_path):
     assert [k["chosen-lr"] for k in kept] == [1e-3]
 
 
+class Stopped(Exception):
+    """The lane killed between the grid's two phases."""
+
+
+def test_report_mid_grid_names_rates_not_rounds_and_marks_the_chosen_unfinished(tmp_path):
+    """A --select-at grid stopped after its first phase (the grid's middle rate already run to
+    round 4, the other rate stopped at round 2, the chosen ones not yet on to round 4): the
+    report already makes compare's choice, a tie reads as two rates of one 4-round grid (not
+    "rounds=2" beside "rounds=4", nor a sweep of rounds), and a chosen rate still at round 2 as
+    unfinished (2/4), not as a finished, shorter run."""
+    from fedpeft.compare import run_selected
+    from fedpeft.report_model import find_runs, group_runs, varying_settings
+
+    curves = {("fedlr", 1e-3): [0.2, 0.5, 0.7, 0.8], ("fedlr", 2e-3): [0.3, 0.5, 0.6, 0.6],
+              ("federa", 1e-3): [0.2, 0.4, 0.5, 0.5], ("federa", 2e-3): [0.3, 0.6, 0.9, 0.9]}
+    simulate, calls = logging_simulate(curves)
+
+    def until_phase_two(cfg, resume=False):
+        if resume:
+            raise Stopped
+        return simulate(cfg, resume)
+
+    jobs = plan(RunConfig(rounds=4, eval_every=2), ["fedlr", "federa"], {},
+                {"fedlr": ["1e-3", "2e-3"], "federa": ["1e-3", "2e-3"]}, [0], str(tmp_path))
+    assert [(j.method, j.lr) for j in jobs] == [("fedlr", 1e-3), ("fedlr", 2e-3),
+                                                  ("federa", 1e-3), ("federa", 2e-3)]
+    run_jobs([jobs[0], jobs[2]], simulate, log=lambda _: None)  # 1e-3 ran all 4 rounds first
+    with pytest.raises(Stopped):
+        run_selected(jobs, until_phase_two, 2, log=lambda _: None)
+    groups = group_runs(find_runs([tmp_path]))
+    got = [(g.label, g.settings["lr"], g.done, g.planned, g.lr_note) for g in groups]
+    assert got == [
+        ("fedlr lr=0.001", 1e-3, 4, 4, "tied on valid-accuracy at round 2: 2 of 2"),
+        ("fedlr lr=0.002", 2e-3, 2, 4, "tied on valid-accuracy at round 2: 2 of 2"),
+        ("federa", 2e-3, 2, 4, "chosen on valid-accuracy at round 2 from 2")]
+    assert varying_settings(groups) == []
+    # The chosen rate going on (round 3 logged, its config now planned to 4, no summary): both
+    # rates are then 4-round runs, one unfinished, so no choice yet: both shown as they stand.
+    federa = tmp_path / "federa-s0-lr2e-3"
+    with (federa / "rounds.jsonl").open("a") as out:
+        out.write(json.dumps({"round": 3, "metrics": {}}) + "\n")
+    (federa / "summary.json").unlink()
+    (federa / "config.toml").write_text(to_toml(jobs[3].cfg))
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.label, g.done, g.planned, g.lr_note) for g in groups if g.method == "federa"] \
+        == [("federa lr=0.001", 4, 4, ""), ("federa lr=0.002", 3, 4, "")]
+    # A stopped rate without its summary (killed in phase one): no choice yet, both kept.
+    (tmp_path / "fedlr-s0-lr2e-3" / "summary.json").unlink()
+    assert [g.lr_note for g in group_runs(find_runs([tmp_path])) if g.method == "fedlr"] \
+        == ["", ""]
+
+
 @pytest.mark.parametrize("settings, select_at, message", [
     ({"rounds": 4, "eval_every": 2}, 3, "multiple of eval-every=2"),
     ({"rounds": 4}, 4, "from 1 to rounds-1 = 3"),

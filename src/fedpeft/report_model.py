@@ -253,8 +253,9 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
 
     Candidates are compared at the last round all of them reached: their final round when all
     ran to the end; round S when the losers of ``fedpeft compare --select-at S`` stopped there
-    (their ``rounds`` differ from the chosen run's, which is still one choice; groups that differ
-    in ``rounds`` alone are a sweep of it, not a choice)."""
+    (their ``rounds`` differ from the chosen run's, which is still one choice, made as soon as
+    the stopped rates are done, while the chosen one goes on; groups that differ in ``rounds``
+    alone are a sweep of it, not a choice)."""
     families: dict[tuple, list[Group]] = {}
     for g in groups:
         families.setdefault(tuple(kv for kv in g.key if kv[0] not in (*keys, "rounds")),
@@ -263,13 +264,32 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
     for family in _split_rounds_sweeps(list(families.values()), keys):
         metric = family[0].runs[0].metric()
         series = [[r.series(f"valid-{metric}") for r in g.runs] for g in family]
-        unfinished = any(r.summary is None for g in family for r in g.runs)
-        if len(family) == 1 or unfinished or any(not s for ss in series for s in ss):
+        rounds = [g.planned for g in family]
+        target = max(rounds)
+        # Rounds that differ within one choice are ``--select-at``'s: the rates it left stopped
+        # at round S (their ``rounds`` setting), the chosen one going on to the grid's rounds.
+        # Every candidate is then planned to the grid's rounds, so that ``rounds`` neither
+        # labels them nor reads as a sweep, and a chosen rate still short of them shows as
+        # unfinished (r done/planned) instead of as a shorter, finished run.
+        stopped = [g for g, n in zip(family, rounds, strict=True) if n < target]
+        for g in family:
+            g.settings = {**g.settings, "rounds": target}
+        finished = [all(r.summary is not None for r in g.runs) for g in family]
+        if len(family) == 1 or any(not s for ss in series for s in ss):
             kept.extend(family)
             continue
-        common = min(s[-1][0] for ss in series for s in ss)
-        if any(s[0][0] > common for ss in series for s in ss):  # no score at that round
+        if stopped:  # chosen at S once every stopped rate is done; the chosen may be going on
+            if not all(all(r.summary is not None for r in g.runs) for g in stopped):
+                kept.extend(family)
+                continue
+            common = min(n for n in rounds if n < target)
+        elif not all(finished):
             kept.extend(family)
+            continue
+        else:
+            common = min(s[-1][0] for ss in series for s in ss)
+        if any(s[0][0] > common or s[-1][0] < common for ss in series for s in ss):
+            kept.extend(family)  # no score at that round
             continue
         means = [float(np.mean([_at(s, common) for s in ss])) for ss in series]
         best = [g for g, m in zip(family, means, strict=True) if m == max(means)]
