@@ -271,23 +271,23 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
         # Every candidate is then planned to the grid's rounds, so that ``rounds`` neither
         # labels them nor reads as a sweep, and a chosen rate still short of them shows as
         # unfinished (r done/planned) instead of as a shorter, finished run.
-        stopped = [g for g, n in zip(family, rounds, strict=True) if n < target]
+        # The disk keeps no record of S itself: once the chosen rate is past S and its loser is
+        # a finished run of the grid's rounds, the family reads as a plain grid, unfinished, so
+        # no choice is shown until the chosen rate finishes too.
         for g in family:
             g.settings = {**g.settings, "rounds": target}
         finished = [all(r.summary is not None for r in g.runs) for g in family]
+        stopped = [f for f, n in zip(finished, rounds, strict=True) if n < target]
         if len(family) == 1 or any(not s for ss in series for s in ss):
             kept.extend(family)
             continue
-        if stopped:  # chosen at S once every stopped rate is done; the chosen may be going on
-            if not all(all(r.summary is not None for r in g.runs) for g in stopped):
-                kept.extend(family)
-                continue
-            common = min(n for n in rounds if n < target)
-        elif not all(finished):
+        # chosen at S once every stopped rate is done (the chosen may be going on); a plain
+        # grid once all of it is done
+        if not all(stopped if stopped else finished):
             kept.extend(family)
             continue
-        else:
-            common = min(s[-1][0] for ss in series for s in ss)
+        common = (min(n for n in rounds if n < target) if stopped
+                  else min(s[-1][0] for ss in series for s in ss))
         if any(s[0][0] > common or s[-1][0] < common for ss in series for s in ss):
             kept.extend(family)  # no score at that round
             continue
