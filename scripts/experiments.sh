@@ -157,10 +157,15 @@ case "${1:-}" in
     fi
     grids=()
     for m in ${METHODS//,/ }; do grids+=(--lr-grid "$m=$GRID"); done
+    # Dir(1) also holds out 10% of each client's training share as its local validation split,
+    # on which FedSA-LoRA's rate is chosen (its global model ties across rates; docs/reports.md),
+    # every method alike; the Dir(0.1) runs predate local-valid-fraction and go on without it.
     for alpha in 0.1 1; do
       [[ "$PART" == all || "$PART" == "a$alpha" ]] || continue
-      compare family "${FAMILY[@]}" "alpha=$alpha" --root "runs/exp/family/a$alpha" \
-        --methods "$METHODS" "${grids[@]}" "${SELECT[@]}"
+      local_valid=()
+      [[ "$alpha" == 1 ]] && local_valid=(local-valid-fraction=0.1)
+      compare family "${FAMILY[@]}" "alpha=$alpha" "${local_valid[@]}" \
+        --root "runs/exp/family/a$alpha" --methods "$METHODS" "${grids[@]}" "${SELECT[@]}"
     done
     [[ "$PART" == all || "$PART" == ranks ]] || exit 0
     compare family-ranks "${FAMILY[@]}" alpha=0.1 method=flora client-ranks=4,8,16,32 \

@@ -171,21 +171,33 @@ def check_select_at(jobs: list[Job], select_at: int) -> None:
 
 
 def valid_at(job: Job, server_round: int) -> float:
-    """The job's validation metric (its task's headline one) at ``server_round``, from its
-    round log."""
-    from .runlog import read_rounds
+    """The job's validation score at ``server_round`` from its round log: its task's headline
+    metric on the validation split, or a personalised method's mean over its clients' local
+    validation splits (``runlog.validation_series``)."""
+    from .runlog import read_rounds, validation_series
     from .tasks import TASKS
 
-    key = f"valid-{TASKS[job.cfg.task].metric}"
     path = job.cfg.run_dir()
-    for record in read_rounds(path):
-        if int(record["round"]) == server_round:
-            value = record.get("metrics", {}).get(key)
-            if value is None:
-                break
-            return float(value)
-    raise ValueError(f"{path}: no {key} at round {server_round} in rounds.jsonl; learning "
+    name, series = validation_series(read_rounds(path), TASKS[job.cfg.task].metric)
+    for logged, value in series:
+        if logged == server_round:
+            return value
+    raise ValueError(f"{path}: no {name} at round {server_round} in rounds.jsonl; learning "
                      "rates are chosen on the validation split")
+
+
+def final_valid(summary: dict[str, Any]) -> float:
+    """A run's validation score at its last evaluation (``valid_at``'s rule, on the summary's
+    ``final`` and ``final-local``)."""
+    from .runlog import validation_series
+
+    last = {"round": summary["rounds"], "metrics": summary["final"],
+            "local-eval": {"stats": summary.get("final-local") or {}}}
+    name, series = validation_series([last], summary["metric"])
+    if not series:
+        raise ValueError(f"{summary['job'].cfg.run_dir()}: no final {name}; learning rates are "
+                         "chosen on the validation split")
+    return series[0][1]
 
 
 def job_state(job: Job, overwrite: bool = False) -> tuple[str, int]:
@@ -207,9 +219,10 @@ def job_state(job: Job, overwrite: bool = False) -> tuple[str, int]:
 
 
 def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep, per (method, sweep, seed), the run whose final validation metric is best; runs
-    without a grid pass through; rates tied on it are all kept (``lr-tied``), as the report
-    keeps them. The kept summary gains ``chosen-lr``, ``lr-tied`` and ``lr-candidates``."""
+    """Keep, per (method, sweep, seed), the run whose final validation score (``final_valid``)
+    is best; runs without a grid pass through; rates tied on it are all kept (``lr-tied``), as
+    the report keeps them. The kept summary gains ``chosen-lr``, ``lr-tied`` and
+    ``lr-candidates``."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         job: Job = r["job"]
@@ -219,15 +232,11 @@ def select_learning_rates(results: list[dict[str, Any]]) -> list[dict[str, Any]]
         if runs[0]["job"].lr is None:
             kept.extend(runs)
             continue
-        key = f"valid-{runs[0]['metric']}"
-        missing = [r["job"].cfg.run_dir() for r in runs if key not in r["final"]]
-        if missing:
-            raise ValueError(f"runs {missing[:2]} have no final {key}; learning rates are chosen "
-                             "on the validation split")
-        top = max(r["final"][key] for r in runs)
-        best = [r for r in runs if r["final"][key] == top]  # a tie is no choice: keep them all
+        scores = {id(r): final_valid(r) for r in runs}
+        top = max(scores.values())
+        best = [r for r in runs if scores[id(r)] == top]  # a tie is no choice: keep them all
         kept.extend({**r, "chosen-lr": r["job"].lr, "lr-tied": len(best) > 1,
-                     "lr-candidates": {r["job"].lr: r["final"][key] for r in runs}} for r in best)
+                     "lr-candidates": {r["job"].lr: scores[id(r)] for r in runs}} for r in best)
     return kept
 
 

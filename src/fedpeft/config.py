@@ -108,6 +108,9 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
     local_test_fraction: float = setting(
         0.0, "hold out this seeded share of every client's shard as its local test split "
         "(personalised evaluation; it does not train); docs/reports.md")
+    local_valid_fraction: float = setting(
+        0.0, "also hold out this seeded share of what every client trains on as its local "
+        "validation split: a personalised method's learning rate is chosen on it")
     local_eval_clients: int = setting(
         0, "local-test-fraction: clients that score the model on their local split at each "
         "evaluation round; 0 = all, k = a seeded sample of k", structural=False)
@@ -268,6 +271,13 @@ class RunConfig(StrategyConfig, SLoRAConfig, AdapterConfig, RankedLoraConfig, Lo
         if not 0 <= self.local_eval_clients <= self.num_clients:
             raise ConfigError(f"local-eval-clients must be in [0 (all), num-clients="
                               f"{self.num_clients}], got {self.local_eval_clients}")
+        if not (math.isfinite(self.local_valid_fraction)
+                and 0.0 <= self.local_valid_fraction < 1.0):
+            raise ConfigError(f"local-valid-fraction must be in [0, 1), got "
+                              f"{self.local_valid_fraction}")
+        if self.local_valid_fraction and not self.local_test_fraction:
+            raise ConfigError("local-valid-fraction needs local-test-fraction > 0 (the clients "
+                              "score their local splits at the rounds that evaluate them)")
         if self.local_eval_clients and not self.local_test_fraction:
             raise ConfigError("local-eval-clients needs local-test-fraction > 0 (the clients' "
                               "local test splits it scores on)")

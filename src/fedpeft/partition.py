@@ -374,19 +374,24 @@ def describe(partition: Partition, max_clients: int = 20) -> str:
     return "\n".join(lines)
 
 
-def local_split(indices: Sequence[int] | np.ndarray, fraction: float, seed: int,
-                client: int) -> tuple[np.ndarray, np.ndarray]:
-    """A client's shard as (training examples, local test examples), both sorted and disjoint.
+LOCAL_TEST, LOCAL_VALID = 0x10CA1, 0x10CA2  # the generators' last seed words
 
-    The local test split (``local-test-fraction``) is ``round(fraction * n)`` examples, at least
-    one and at most n - 1 (a client always trains on something), drawn from
-    ``default_rng([seed, client, 0x10CA1])``: the same on every machine, independent of the
-    other clients. ``fraction`` 0 (or a shard of one example) holds nothing out."""
+
+def local_split(indices: Sequence[int] | np.ndarray, fraction: float, seed: int,
+                client: int, salt: int = LOCAL_TEST) -> tuple[np.ndarray, np.ndarray]:
+    """A client's shard as (training examples, held-out examples), both sorted and disjoint.
+
+    The held-out split (``local-test-fraction``; with ``salt=LOCAL_VALID`` the local validation
+    split, ``local-valid-fraction``, drawn from what the test split left) is
+    ``round(fraction * n)`` examples, at least one and at most n - 1 (a client always trains on
+    something), drawn from ``default_rng([seed, client, salt])``: the same on every machine,
+    independent of the other clients. ``fraction`` 0 (or a shard of one example) holds nothing
+    out."""
     shard = np.sort(np.asarray(indices, dtype=np.int64))
     n = len(shard)
     if fraction <= 0 or n < 2:
         return shard, np.zeros(0, dtype=np.int64)
     k = min(n - 1, max(1, round(fraction * n)))
-    rng = np.random.default_rng([seed, client, 0x10CA1])
+    rng = np.random.default_rng([seed, client, salt])
     test = np.sort(rng.choice(shard, size=k, replace=False))
     return np.setdiff1d(shard, test, assume_unique=True), test

@@ -23,6 +23,7 @@ import numpy as np
 from .config import RunConfig, resumable_settings
 from .configs import AdapterConfig, LoraConfig, RankedLoraConfig, SLoRAConfig
 from .configs.base import kebab
+from .runlog import validation_series
 
 # Settings that do not change a run's results: runs differing only in these (and seed) are seeds
 # of one group.
@@ -248,8 +249,10 @@ def varying_settings(groups: Sequence[Group]) -> list[str]:
 
 def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) -> list[Group]:
     """Among groups that differ only in the settings ``keys`` (the clients' ``lr``, and any
-    other asked for, e.g. FedAdam's ``server-lr``), keep the best ``valid-<metric>`` (mean over
-    seeds) once every run has finished with one; until then keep them all.
+    other asked for, e.g. FedAdam's ``server-lr``), keep the best validation score
+    (``runlog.validation_series``: ``valid-<metric>``, or a personalised method's mean over its
+    clients' local validation splits; mean over seeds) once every run has finished with one;
+    until then keep them all.
 
     Candidates are compared at the last round all of them reached: their final round when all
     ran to the end; round S when the losers of ``fedpeft compare --select-at S`` stopped there
@@ -263,7 +266,9 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
     kept = []
     for family in _split_rounds_sweeps(list(families.values()), keys):
         metric = family[0].runs[0].metric()
-        series = [[r.series(f"valid-{metric}") for r in g.runs] for g in family]
+        # valid-<metric>, or a personalised method's mean over its clients' local validation
+        on = validation_series(family[0].runs[0].rounds, metric)[0]
+        series = [[validation_series(r.rounds, metric)[1] for r in g.runs] for g in family]
         rounds = [g.planned for g in family]
         target = max(rounds)
         # Rounds that differ within one choice are ``--select-at``'s: the rates it left stopped
@@ -298,9 +303,8 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
         when = "" if all(s[-1][0] == common for ss in series for s in ss) \
             else f" at round {common}"
         for g in best:  # a tie is no choice: the tied settings stay side by side, named so
-            g.lr_note = (f"{what}chosen on valid-{metric}{when} from {len(family)}"
-                         if len(best) == 1 else
-                         f"{what}tied on valid-{metric}{when}: {len(best)} of {len(family)}")
+            g.lr_note = (f"{what}chosen on {on}{when} from {len(family)}" if len(best) == 1
+                         else f"{what}tied on {on}{when}: {len(best)} of {len(family)}")
         kept.extend(best)
     return kept
 

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,24 @@ def read_rounds(path: str | Path) -> list[dict[str, Any]]:
     if not file.exists():
         return []
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def validation_series(records: Sequence[Mapping[str, Any]], metric: str
+                      ) -> tuple[str, list[tuple[int, float]]]:
+    """What a run's learning rate is chosen on, as (its name, [(round, value)] at every round
+    that logged it): for a run whose clients score their own personalised models on local
+    validation splits (``local-valid-fraction`` with fedsa-lora, whose global model is not what
+    it delivers) the mean over clients of ``valid-personal-<metric>``; else the global model's
+    ``valid-<metric>`` on the validation split (``valid-fraction``). ``fedpeft compare`` and
+    ``fedpeft report`` both choose by it, so they choose alike."""
+    personal = f"valid-personal-{metric}"
+    local = [(int(r["round"]), float(stats[personal]["mean"])) for r in records
+             if personal in (stats := (r.get("local-eval") or {}).get("stats") or {})]
+    if local:
+        return f"{personal} (mean over clients)", local
+    key = f"valid-{metric}"
+    return key, [(int(r["round"]), float(r["metrics"][key])) for r in records
+                 if (r.get("metrics") or {}).get(key) is not None]
 
 
 def load_state(path: str | Path) -> dict[str, np.ndarray]:

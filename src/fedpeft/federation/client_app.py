@@ -160,7 +160,7 @@ def train_content(content: RecordDict, pid: int, state: RecordDict,
     metrics = MetricRecord({
         # FedAvg's weight n_k: the client's examples (QA trains on more windows than examples)
         "num-examples": len(runtime.task.examples("train")) if node.own_data
-        else len(runtime.client_examples(pid)),  # without its local test split
+        else len(runtime.client_examples(pid)),  # without its local held-out splits
         "train-rows": result.num_examples,
         "train-loss": result.loss,
         "train-steps": result.steps,
@@ -186,7 +186,9 @@ def evaluate_content(content: RecordDict, pid: int, state: RecordDict,
     """Score the global model on client ``pid``'s local test split (``local-test-fraction``):
     metrics ``global-<name>``; for a method whose clients keep their own tensors (fedsa-lora)
     also the client's personalised model (global state + its newest own tensors up to this
-    round): ``personal-<name>``. ``num-examples``: the size of the local test split."""
+    round): ``personal-<name>``. With ``local-valid-fraction`` the same on the client's local
+    validation split, as ``valid-global-<name>`` / ``valid-personal-<name>``.
+    ``num-examples``: the size of the local test split."""
     config = content["config"]
     cfg = RunConfig.from_json(str(config["run-config"]))
     server_round = int(config["round"])
@@ -203,12 +205,17 @@ def evaluate_content(content: RecordDict, pid: int, state: RecordDict,
     runtime.method.configure_client(runtime, config)
     runtime.method.import_state(runtime.model,
                                 decode(from_record(content["arrays"]), cfg.transport_dtype))
-    metrics = {f"global-{k}": float(v) for k, v in runtime.evaluate_local(pid).items()}
+    parts = {"": "local-test", **({"valid-": "local-valid"} if cfg.local_valid_fraction else {})}
+
+    def score(model: str) -> dict[str, float]:
+        return {f"{prefix}{model}-{k}": float(v) for prefix, part in parts.items()
+                for k, v in runtime.evaluate_local(pid, part).items()}
+
+    metrics = score("global")
     if runtime.method.keeps_local_state:
         store = open_store(node.state_dir, config)
         runtime.method.load_local(runtime, store, pid, server_round + 1)  # up to this round
-        metrics.update({f"personal-{k}": float(v)
-                        for k, v in runtime.evaluate_local(pid).items()})
+        metrics.update(score("personal"))
     return RecordDict({"metrics": MetricRecord({
         **metrics, "num-examples": len(runtime.client_examples(pid, "local-test")),
         "partition-id": pid})})

@@ -8,9 +8,12 @@ training), to all clients or to a seeded sample of ``local-eval-clients`` of the
 (``eval_sample``: its own generator, so the training sample is the same with or without it).
 Each client scores the global model on its local split (``global-<metric>``) and, for a method
 whose clients keep their own tensors (fedsa-lora), its personalised model (``personal-<metric>``;
-client_app.evaluate_content). The strategy's ``aggregate_evaluate`` gives the example-weighted
-mean; ``client_stats`` the spread over clients: mean, standard deviation (over clients, ddof 0),
-the mean of the worst 10% of clients (the ceil(n/10) lowest) and the minimum.
+client_app.evaluate_content); with ``local-valid-fraction`` both also on the client's local
+validation split (``valid-global-<metric>``, ``valid-personal-<metric>``), on which
+``runlog.validation_series`` chooses a personalised method's learning rate. The strategy's
+``aggregate_evaluate`` gives the example-weighted mean (of the test scores); ``client_stats``
+the spread over clients: mean, standard deviation (over clients, ddof 0), the mean of the worst
+10% of clients (the ceil(n/10) lowest) and the minimum.
 """
 
 from __future__ import annotations
@@ -126,8 +129,9 @@ def evaluate_clients(grid: Grid, cfg: RunConfig, nodes: Nodes, strategy: Strateg
     if kept:
         with quiet():
             aggregated = strategy.aggregate_evaluate(server_round, kept)
+        # weighted by the local test splits' sizes: not the local validation scores' weights
         weighted = {k: float(v) for k, v in (aggregated or {}).items()
-                    if k in values}
+                    if k in values and not k.startswith("valid-")}
     return {"clients": clients, "examples": examples, "values": values,
             "stats": {k: client_stats(v) for k, v in values.items()},
             "weighted": weighted, "failures": failures, "bytes-down": bytes_down}

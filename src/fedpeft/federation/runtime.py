@@ -111,29 +111,35 @@ class Runtime:
 
     def client_examples(self, partition_id: int, part: str = "train") -> np.ndarray:
         """Client ``partition_id``'s training examples (indices into the train split), or with
-        ``part="local-test"`` its held-out local test split (``local-test-fraction``)."""
-        from ..partition import local_split
+        ``part="local-test"`` / ``"local-valid"`` its held-out local test split
+        (``local-test-fraction``) / local validation split (``local-valid-fraction``, drawn from
+        what the test split left)."""
+        from ..partition import LOCAL_VALID, local_split
 
+        cfg = self.cfg
         train, test = local_split(self.partition().clients[partition_id],
-                                  self.cfg.local_test_fraction, self.cfg.seed, partition_id)
-        return test if part == "local-test" else train
+                                  cfg.local_test_fraction, cfg.seed, partition_id)
+        train, valid = local_split(train, cfg.local_valid_fraction, cfg.seed, partition_id,
+                                   LOCAL_VALID)
+        return {"local-test": test, "local-valid": valid}.get(part, train)
 
     def client_rows(self, partition_id: int) -> list[dict[str, list[int]]]:
-        """Training features of client ``partition_id`` (without its local test split)."""
+        """Training features of client ``partition_id`` (without its local held-out splits)."""
         examples = self.client_examples(partition_id)
         return self.features("train").select_examples(examples).rows
 
-    def evaluate_local(self, partition_id: int) -> dict[str, float]:
-        """The model's metrics on client ``partition_id``'s local test split (featurised as an
-        evaluation split, once per client)."""
-        key = f"local-test-{partition_id}"
+    def evaluate_local(self, partition_id: int, part: str = "local-test") -> dict[str, float]:
+        """The model's metrics on client ``partition_id``'s local test (or ``part="local-valid"``
+        validation) split, featurised as an evaluation split, once per client."""
+        key = f"{part}-{partition_id}"
         train = self.task.examples("train")
-        examples = [train[i] for i in self.client_examples(partition_id, "local-test")]
+        examples = [train[i] for i in self.client_examples(partition_id, part)]
         if not examples:
-            raise ValueError(f"client {partition_id} has no local test split "
-                             f"(local-test-fraction={self.cfg.local_test_fraction})")
+            raise ValueError(f"client {partition_id} has no {part} split (local-test-fraction="
+                             f"{self.cfg.local_test_fraction}, local-valid-fraction="
+                             f"{self.cfg.local_valid_fraction})")
         if key not in self._features:
-            self._features[key] = self.task.featurize(examples, self.tokenizer, "local-test")
+            self._features[key] = self.task.featurize(examples, self.tokenizer, part)
         return self.task.evaluate(self.model, examples, self._features[key], self.tokenizer,
                                   self.device)
 
