@@ -158,8 +158,14 @@ def test_select_at_end_to_end(tiny_models, tmp_path, capsys):
     report = build_report([root], out=tmp_path / "report").read_text()
     if len(chosen) == 1:
         assert f"| fedlr | {chosen[0]:g} (chosen on valid-accuracy at round 1 from 2) |" in report
-    else:
-        assert "(tied on valid-accuracy: 2 of 2) |" in report  # both went on to round 2
+    else:  # both went on to round 2: the better one there is the choice
+        final = {float(lr): log[-1]["metrics"]["valid-accuracy"] for lr, log in logs.items()}
+        best = [lr for lr in final if final[lr] == max(final.values())]
+        if len(best) == 1:
+            assert f"| {best[0]:g} (best at round 2 of the tied) |" in table
+            assert f"| fedlr | {best[0]:g} (chosen on valid-accuracy from 2) |" in report
+        else:
+            assert "(tied on valid-accuracy: 2 of 2) |" in report
 
 
 def logging_simulate(curves: dict):
@@ -217,6 +223,35 @@ def test_select_at_runs_every_rate_to_that_round_and_only_the_chosen_on(tmp_path
     groups = group_runs(find_runs([tmp_path]))
     assert [(g.method, g.settings["lr"], g.lr_note) for g in groups if g.method == "fedlr"] \
         == [("fedlr", 2e-3, "chosen on valid-accuracy at round 2 from 3")]
+
+
+def test_rates_tied_at_select_at_go_on_and_the_best_at_the_end_is_chosen(tmp_path):
+    from fedpeft.compare import results_table, run_selected
+    from fedpeft.report_model import find_runs, group_runs
+
+    # 1e-3 and 2e-3 tie at round 2, both go on; 2e-3 is better at round 4
+    curves = {("fedlr", 1e-3): [0.2, 0.5, 0.6, 0.7], ("fedlr", 2e-3): [0.3, 0.5, 0.9, 0.8],
+              ("fedlr", 5e-3): [0.1, 0.2, 0.2, 0.2]}
+    simulate, calls = logging_simulate(curves)
+    jobs = plan(RunConfig(rounds=4, eval_every=2), ["fedlr"], {},
+                {"fedlr": ["1e-3", "2e-3", "5e-3"]}, [0], str(tmp_path))
+    kept = run_selected(jobs, simulate, 2, log=lambda _: None)
+    assert calls[3:] == [("fedlr", 1e-3, 2, 4), ("fedlr", 2e-3, 2, 4)]  # both went on
+    assert [(k["chosen-lr"], k["lr-tied"], k["lr-tie-broken-at"]) for k in kept] == [
+        (2e-3, False, 4)]
+    assert kept[0]["lr-candidates"] == {1e-3: 0.5, 2e-3: 0.5, 5e-3: 0.2}
+    assert "| 0.002 (best at round 4 of the tied) |" in results_table(kept)
+    groups = group_runs(find_runs([tmp_path]))
+    assert [(g.settings["lr"], g.lr_note) for g in groups] == [
+        (2e-3, "chosen on valid-accuracy at round 4 among the 2 tied at round 2, of 3")]
+    # still tied at the end: both stay, named so, in the table and the report
+    curves[("fedlr", 2e-3)][3] = 0.7
+    kept = run_selected(plan(RunConfig(rounds=4, eval_every=2), ["fedlr"], {},
+                             {"fedlr": ["1e-3", "2e-3", "5e-3"]}, [0], str(tmp_path / "b")),
+                        simulate, 2, log=lambda _: None)
+    assert [(k["chosen-lr"], k["lr-tied"]) for k in kept] == [(1e-3, True), (2e-3, True)]
+    assert [g.lr_note for g in group_runs(find_runs([tmp_path / "b"]))] == [
+        "tied on valid-accuracy at rounds 2 and 4: 2 of 3"] * 2
 
 
 def test_select_at_reuses_a_finished_full_run_scored_at_that_round(tmp_path):

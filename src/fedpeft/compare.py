@@ -9,9 +9,10 @@ takes part in the choice.
 
 ``select_at=S`` (``--select-at``) chooses earlier, to save most of a grid's compute: every rate
 runs to round S only, the best validation metric *at round S* is chosen, and only the chosen
-rate (all tied ones) continues to ``rounds``, resuming its own run (one rung of successive
-halving, Jamieson & Talwalkar 2016, written here because the runs are Flower simulations that a
-tuning library would have to resume through our checkpoints). The rates left at round S stay
+rate (all tied ones, then compared again at the end) continues to ``rounds``, resuming its
+own run (one rung of successive halving, Jamieson & Talwalkar 2016, written here because the
+runs are Flower simulations that a tuning library would have to resume through our
+checkpoints). The rates left at round S stay
 as finished S-round runs; ``fedpeft report`` compares rates at the last round all of them
 reached, so it makes the same choice from the logs.
 
@@ -110,7 +111,9 @@ def run_selected(jobs: list[Job], simulate: Callable[..., dict[str, Any]], selec
     """``run_jobs`` with the learning rates chosen at round ``select_at`` (module doc): the
     jobs without a grid and the chosen rates' jobs run to the end; returns their summaries in
     the plan's order, the chosen ones with ``chosen-lr``, ``lr-tied``, ``lr-candidates`` (the
-    rates' validation metric at round ``select_at``) and ``lr-chosen-at``."""
+    rates' validation metric at round ``select_at``) and ``lr-chosen-at``. Rates tied at
+    ``select_at`` all go on; then the best final validation score among them is the choice
+    (``lr-tie-broken-at``: the round), the rest leave the table."""
     from .federation.checkpoint import saved_config
 
     check_select_at(jobs, select_at)
@@ -144,6 +147,21 @@ def run_selected(jobs: list[Job], simulate: Callable[..., dict[str, Any]], selec
     chosen = [job for job in grid if id(job) in notes]
     # the chosen rates continue their own runs (never overwritten: phase one just made them)
     done = run_jobs(plain, simulate, overwrite, log) + run_jobs(chosen, simulate, False, log)
+    # rates tied at round S have all gone on (the next rung): the best final validation score
+    # among them is the choice, as ``fedpeft report`` makes it from the logs
+    final = {id(r["job"]): final_valid(r) for r in done if id(r["job"]) in notes}
+    for group in groups.values():
+        tied = [job for job in group if id(job) in final]
+        if len(tied) < 2:
+            continue
+        top = max(final[id(job)] for job in tied)
+        for job in tied:
+            if final[id(job)] == top:
+                notes[id(job)] = {**notes[id(job)], "lr-tied": sum(
+                    final[id(j)] == top for j in tied) > 1, "lr-tie-broken-at": job.cfg.rounds}
+            else:
+                del notes[id(job)]
+    done = [r for r in done if r["job"].lr is None or id(r["job"]) in notes]
     order = {id(job): i for i, job in enumerate(jobs)}
     done.sort(key=lambda r: order[id(r["job"])])
     return [{**r, **notes.get(id(r["job"]), {})} for r in done]
@@ -261,7 +279,9 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         cells = [s["method"], *(job.sweep.get(k, "") if job else "" for k in swept),
                  *([str(job.seed if job else "")] if seeds else []), str(s["rounds"]),
                  _fmt(s["final"].get(metric)), _fmt(s["best"]),
-                 f"{s['lr']:g}" + (" (tied)" if s.get("lr-tied") else ""),
+                 f"{s['lr']:g}" + (" (tied)" if s.get("lr-tied") else
+                                   f" (best at round {s['lr-tie-broken-at']} of the tied)"
+                                   if s.get("lr-tie-broken-at") else ""),
                  f"{s['trainable-params']:,}", f"{s['bytes-per-client-round'] / 1e6:.2f}",
                  f"{s['seconds'] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

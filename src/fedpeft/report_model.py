@@ -258,7 +258,8 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
     ran to the end; round S when the losers of ``fedpeft compare --select-at S`` stopped there
     (their ``rounds`` differ from the chosen run's, which is still one choice, made as soon as
     the stopped rates are done, while the chosen one goes on; groups that differ in ``rounds``
-    alone are a sweep of it, not a choice)."""
+    alone are a sweep of it, not a choice). Rates tied at S all go on; once they have all
+    finished the grid's rounds, the best of them where they all ended is the choice."""
     families: dict[tuple, list[Group]] = {}
     for g in groups:
         families.setdefault(tuple(kv for kv in g.key if kv[0] not in (*keys, "rounds")),
@@ -296,17 +297,38 @@ def _choose_on_validation(groups: list[Group], keys: Sequence[str] = ("lr",)) ->
         if any(s[0][0] > common or s[-1][0] < common for ss in series for s in ss):
             kept.extend(family)  # no score at that round
             continue
-        means = [float(np.mean([_at(s, common) for s in ss])) for ss in series]
-        best = [g for g, m in zip(family, means, strict=True) if m == max(means)]
+        best = _best_at(family, series, common)
         chosen = [k for k in keys if len({hashable(g.settings.get(k)) for g in family}) > 1]
         what = "" if chosen == ["lr"] else " and ".join(chosen) + " "
         when = "" if all(s[-1][0] == common for ss in series for s in ss) \
             else f" at round {common}"
+        tied = len(best)
+        index = {id(g): i for i, g in enumerate(family)}
+        if tied > 1 and stopped and all(finished[index[id(g)]] and rounds[index[id(g)]] == target
+                                        for g in best):
+            # rates tied at S all went on (``fedpeft compare --select-at``'s next rung): once
+            # they have finished, the best of them where they all ended is the choice
+            ends = min(s[-1][0] for g in best for s in series[index[id(g)]])
+            best = _best_at(best, [series[index[id(g)]] for g in best], ends)
+            for g in best:
+                g.lr_note = (f"{what}chosen on {on} at round {ends} among the {tied} tied at "
+                             f"round {common}, of {len(family)}" if len(best) == 1 else
+                             f"{what}tied on {on} at rounds {common} and {ends}: {len(best)} "
+                             f"of {len(family)}")
+            kept.extend(best)
+            continue
         for g in best:  # a tie is no choice: the tied settings stay side by side, named so
             g.lr_note = (f"{what}chosen on {on}{when} from {len(family)}" if len(best) == 1
                          else f"{what}tied on {on}{when}: {len(best)} of {len(family)}")
         kept.extend(best)
     return kept
+
+
+def _best_at(groups: list[Group], series: list[list[list[tuple[int, float]]]],
+             server_round: int) -> list[Group]:
+    """The groups whose score (mean over seeds of ``series``) at ``server_round`` is best."""
+    means = [float(np.mean([_at(s, server_round) for s in ss])) for ss in series]
+    return [g for g, m in zip(groups, means, strict=True) if m == max(means)]
 
 
 def _split_rounds_sweeps(families: list[list[Group]], keys: Sequence[str]) -> list[list[Group]]:
