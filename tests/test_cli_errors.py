@@ -429,3 +429,19 @@ def test_the_fedpeft_executable(tmp_path, make_argv, expected):
                           text=True, timeout=300, cwd=tmp_path, env=env)
     error_line(proc.returncode, proc.stderr, *expected)
     assert proc.stdout == ""
+
+
+def test_fedpeft_tasks_lists_every_task_with_its_metric_and_data(capsys):
+    """``fedpeft tasks`` (which the `task` setting's help points to) has one row per task."""
+    from fedpeft.config import describe_fields
+    from fedpeft.tasks import TASKS
+
+    assert "see `fedpeft tasks`" in describe_fields()
+    assert main(["tasks"]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    for name, cls in TASKS.items():
+        assert rows[name][1:3] == [cls.kind, cls.metric], name
+        assert cls.data and rows[name][4] == cls.data, name
+    builtin = {name for name, cls in TASKS.items() if "train-file" not in cls.data}
+    assert builtin == {"semeval", "20news", "wnut17", "ploner", "squad", "mrqa", "squad-gen"}

@@ -4,6 +4,7 @@
     fedpeft compare [--methods a,b] [key=value ...]  several methods on the same partition + table
     fedpeft partition [key=value ...]                the non-IID split's statistics, no training
     fedpeft methods [key=value ...]                  trainable parameters and bytes per method
+    fedpeft tasks                                    the tasks, their metric and the data each reads
     fedpeft strategies                               aggregation strategies, their settings, DP
     fedpeft export RUN_DIR --format peft|merged --out DIR   the final model, outside fedpeft
     fedpeft run --help-config                        every setting with its default
@@ -173,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--root", default=None, help="folder of the runs (default: "
                          "runs/demo for the demo, else runs/compare/<task>-a<alpha>)")
     command("partition", _partition, "print the client split's statistics without training")
+    tasks = sub.add_parser("tasks", parents=[common], help="the tasks, their metric, default "
+                           "max-length and the data each reads")
+    tasks.set_defaults(func=_tasks)
     command("methods", _methods, "trainable parameters and bytes per client per round, "
             "per method, for the configured model and task")
     command("strategies", _strategies, "the aggregation strategies (Flower's), their settings "
@@ -377,6 +381,29 @@ def _methods(args: argparse.Namespace) -> int:
     print(budget_table(cfg, list(METHODS)))
     print(method_settings(METHODS))
     return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    print(task_table())
+    return 0
+
+
+def task_table() -> str:
+    """One line per task: kind, headline metric, default max-length, what it reads."""
+    from .tasks import TASKS
+
+    lines = ["| task | kind | metric | default max-length | reads | about |",
+             "|---|---|---|---:|---|---|"]
+    for name, cls in TASKS.items():
+        # the docstring's first sentence, as plain text
+        about = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
+        about = about.replace("``", "").replace(" (see the module docstring)", "")
+        lines.append(f"| {name} | {cls.kind} | {cls.metric} | {cls.default_max_length} | "
+                     f"{cls.data} | {about} |")
+    lines.append("Dataset folders are looked up in data-dir (or $FEDPEFT_DATA), else in "
+                 "shared/data beside the repository, else in the package's embedded copy; "
+                 "the *-files tasks read the user's train-file and test-file.")
+    return "\n".join(lines)
 
 
 def method_settings(methods: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ class Task(ABC):
     name: str = ""
     kind: str = ""  # "classification" | "ner" | "qa"
     metric: str = ""  # primary metric key in ``evaluate``'s result
+    data: str = ""  # what it reads, for ``fedpeft tasks``: dataset folders or the user's files
     default_max_length: int = 128
     peft_task_type: str = ""  # PEFT TaskType name, so the head is trained and exchanged
     label_pad_id: int = -100

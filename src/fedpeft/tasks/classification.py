@@ -106,6 +106,7 @@ class SemEval(ClassificationTask):
     """SemEval-2010 Task 8: 19 directed relation labels (Hendrickx et al., 2010). L=64."""
 
     name = "semeval"
+    data = "semeval2010_task8/ (embedded in the package)"
     default_max_length = 64
     files = {"train": "TRAIN_FILE.TXT", "test": "TEST_FILE_FULL.TXT"}
 
@@ -155,6 +156,7 @@ class Newsgroups(ClassificationTask):
     """20 Newsgroups, bydate split, 20 labels (Lang, 1995). Paper L=256."""
 
     name = "20news"
+    data = "20newsgroups/"
     default_max_length = 256
 
     def _label_vocabulary(self) -> list[str]:
@@ -182,6 +184,7 @@ class TextFiles(ClassificationTask):
     ``label-column`` (names configurable). Labels are strings; their order is sorted."""
 
     name = "text-files"
+    data = "train-file, test-file (CSV, TSV or JSONL)"
 
     def _label_vocabulary(self) -> list[str]:
         return sorted({e["label"] for e in self.all_examples("train")})

@@ -301,6 +301,7 @@ class SquadGen(GenerationTask):
     """SQuAD v1.1 (``squad``'s article split) as generative QA; classes by k-means."""
 
     name = "squad-gen"
+    data = "squad_v1.1/"
     first_line = True
     drop_long = True  # a few long contexts are left out (counted), not an error
 

@@ -26,6 +26,7 @@ class InstructFiles(GenerationTask):
     """The user's instruction data (JSONL): Alpaca, Dolly or chat ``messages``."""
 
     name = "instruct-files"
+    data = "train-file, test-file (JSONL: Alpaca, Dolly or chat messages)"
     metric = "rouge-l"
 
     def _load(self, split: str) -> list[dict[str, Any]]:

@@ -260,6 +260,7 @@ class Wnut17(NerTask):
     """WNUT-2017 emerging and rare entities: 6 types, 13 BIO tags."""
 
     name = "wnut17"
+    data = "wnut17/ (embedded in the package)"
     files = {"train": "wnut17train.conll", "test": "emerging.test.annotated"}
 
     def _label_vocabulary(self) -> list[str]:
@@ -275,6 +276,7 @@ class Ploner(NerTask):
     """PLONER stand-in: CoNLL-2003 + WNUT-2017 with PER/LOC/ORG tags (``PLONER_MAP``)."""
 
     name = "ploner"
+    data = "conll2003/ + wnut17/"
     files = {"conll2003": {"train": "train.txt", "test": "test.txt"}, "wnut17": Wnut17.files}
 
     def _label_vocabulary(self) -> list[str]:
@@ -308,6 +310,7 @@ class ConllFiles(NerTask):
     the training file's (O, then B-/I- per type, types sorted)."""
 
     name = "conll-files"
+    data = "train-file, test-file (CoNLL, IOB2 tags)"
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         path = self.user_file(split)

@@ -345,6 +345,7 @@ class Squad(QATask):
     """SQuAD v1.1 re-split by article (see the module docstring); classes by k-means."""
 
     name = "squad"
+    data = "squad_v1.1/"
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         if not self._all:  # both splits come from one read of both files
@@ -364,6 +365,7 @@ class MultiSourceQA(QATask):
     """SQuAD + NewsQA, DuoRC, RACE, RelationExtraction; class = source (MRQA stand-in)."""
 
     name = "mrqa"
+    data = "squad_v1.1/ + mrqa_like/"
 
     def partition_classes(self, examples: list[dict[str, Any]]) -> list[str]:
         return [e["source"] for e in examples]
@@ -386,6 +388,7 @@ class SquadFiles(QATask):
     """The user's SQuAD-format JSON: ``train-file``/``test-file``; classes by k-means."""
 
     name = "squad-files"
+    data = "train-file, test-file (SQuAD JSON)"
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         path = self.user_file(split)
