@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The experiments of docs/results/ (issue 8) and the comparisons of BENCHMARKS.md, as a queue.
 #
-#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies | family | decoders
+#   bash scripts/experiments.sh LANE      # LANE: main | grid | later | squad | strategies | family |
+#                                           protocol | decoders
 #   nohup bash scripts/experiments.sh main > runs/exp/logs/main.out 2>&1 &
 #
 # Every run has its own folder under runs/exp/ and a checkpoint after each round: running a
@@ -57,6 +58,10 @@ SEMEVAL=(task=semeval "${COMMON[@]}" slora-stage1-rounds=25 "precision=$PRECISIO
 compare() {  # compare NAME ARGS...: one `fedpeft compare`, its output in runs/exp/logs/NAME.log
   local name=$1
   shift
+  if [[ -n "${DRY_RUN:-}" ]]; then  # DRY_RUN=1: print the commands a lane would run, run none
+    echo "$FEDPEFT compare $*"
+    return
+  fi
   echo "$(date -u +%FT%TZ) start $name: $*"
   "$FEDPEFT" compare "$@" >> "runs/exp/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) done  $name"
@@ -172,6 +177,76 @@ case "${1:-}" in
       --root runs/exp/family/ranks-a0.1 --methods flora,flexlora,hetlora \
       --lr-grid flora=$GRID --lr-grid flexlora=$GRID --lr-grid hetlora=$GRID "${SELECT[@]}"
     ;;
+  protocol)  # issue 22: the papers' protocols with seeds, in its priority order; PART picks one:
+    #   semeval  SemEval at Dir(1), then Dir(0.1), as `family` (whose seed-0 runs it reuses: same
+    #            roots and settings) plus FedFT, FedBF and FedAP, every method at the best of its
+    #            small grid chosen on validation at round 40, for every seed of PROTOCOL_SEEDS
+    #            (0,1,2; one seed is finished, both alphas, before the next starts), and FedProx
+    #            (mu 0.01; the strategies lane's runner-up to FedAvg) for FedLR and FeDeRA
+    #   20news   20 Newsgroups at Dir(0.1), L=128, 100 clients, 10 per round, 100 rounds: FedFT,
+    #            FedLR, FeDeRA, SLoRA and PROTOCOL_NEWS_FAMILY (default flexlora,flora: the
+    #            family's two best global accuracies at SemEval Dir(0.1)), same grids and seeds
+    #   table1   the FeDeRA paper's Table 1 protocol for the other four tasks, FedLR vs FeDeRA at
+    #            SemEval's rate (5e-3), seed 0: WNUT-2017 (30 clients, 5 per round, Dir(0.1) over
+    #            entity-tag sets, 100 rounds), the PLONER stand-in (100/10, Dir(0.01), 100
+    #            rounds), SQuAD (300/15, Dir(0.1) over the k-means clusters, 8,000 training
+    #            questions, L=256, 50 rounds), the MRQA stand-in (300/15, Dir(0.01) over
+    #            sources, 8,000 training questions, L=256, 50 rounds)
+    PART=${2:-all}
+    if [[ ! "$PART" =~ ^(all|semeval|20news|table1)$ ]]; then
+      echo "usage: $0 protocol [all|semeval|20news|table1]; got '$PART'" >&2
+      exit 2
+    fi
+    SELECT=(--select-at 40)
+    FAMILY=("${SEMEVAL[@]}" valid-fraction=0.1 local-test-fraction=0.2 rounds=100)
+    FAMILY_ALL=fedlr,federa,ffa-lora,slora,fedsa-lora,rolora,flora,flexlora,fedex-lora,hetlora
+    declare -A RATES=([fedft]=5e-5,1e-4 [fedbf]=5e-3,1e-2 [fedap]=2e-3,5e-3)
+    grids() {  # grids METHODS: one --lr-grid per method (the LoRA family: 5e-3,1e-2)
+      local m
+      for m in ${1//,/ }; do printf -- '--lr-grid\n%s=%s\n' "$m" "${RATES[$m]:-5e-3,1e-2}"; done
+    }
+    SEEDS=${PROTOCOL_SEEDS:-0,1,2}
+    for seed in ${SEEDS//,/ }; do
+      [[ "$PART" == all || "$PART" == semeval ]] || continue
+      for alpha in 1 0.1; do
+        local_valid=()
+        [[ "$alpha" == 1 ]] && local_valid=(local-valid-fraction=0.1)  # as `family`
+        methods=fedft,fedbf,fedap,$FAMILY_ALL
+        mapfile -t g < <(grids "$methods")
+        compare protocol "${FAMILY[@]}" "alpha=$alpha" "${local_valid[@]}" \
+          --root "runs/exp/family/a$alpha" --methods "$methods" --seeds "$seed" "${g[@]}" \
+          "${SELECT[@]}"
+        mapfile -t g < <(grids fedlr,federa)
+        compare protocol "${FAMILY[@]}" "alpha=$alpha" "${local_valid[@]}" strategy=fedprox \
+          proximal-mu=0.01 --root "runs/exp/protocol/fedprox-a$alpha" --methods fedlr,federa \
+          --seeds "$seed" "${g[@]}" "${SELECT[@]}"
+      done
+    done
+    if [[ "$PART" == all || "$PART" == 20news ]]; then
+      methods=fedft,fedlr,federa,slora,${PROTOCOL_NEWS_FAMILY:-flexlora,flora}
+      mapfile -t g < <(grids "$methods")
+      for seed in ${SEEDS//,/ }; do
+        compare protocol-20news task=20news max-length=128 "${COMMON[@]}" \
+          "precision=$PRECISION" slora-stage1-rounds=25 alpha=0.1 rounds=100 valid-fraction=0.1 \
+          --root runs/exp/protocol/20news-a0.1 --methods "$methods" --seeds "$seed" "${g[@]}" \
+          "${SELECT[@]}"
+      done
+    fi
+    if [[ "$PART" == all || "$PART" == table1 ]]; then
+      T1=(eval-every=10 progress=false "threads=$THREADS" "precision=$PRECISION" lr=5e-3
+          --methods fedlr,federa)
+      QA=(num-clients=300 clients-per-round=15 rounds=50 max-length=256 max-train-samples=8000
+          max-test-samples=1000)
+      compare protocol-table1 task=wnut17 num-clients=30 clients-per-round=5 alpha=0.1 \
+        rounds=100 --root runs/exp/protocol/wnut17-a0.1 "${T1[@]}"
+      compare protocol-table1 task=ploner num-clients=100 clients-per-round=10 alpha=0.01 \
+        rounds=100 --root runs/exp/protocol/ploner-a0.01 "${T1[@]}"
+      compare protocol-table1 task=squad "${QA[@]}" alpha=0.1 \
+        --root runs/exp/protocol/squad-a0.1 "${T1[@]}"
+      compare protocol-table1 task=mrqa "${QA[@]}" alpha=0.01 \
+        --root runs/exp/protocol/mrqa-a0.01 "${T1[@]}"
+    fi
+    ;;
   squad)  # run 5's QA part alone, e.g. one method per lane with THREADS=1, both lanes at once
     squad "${2:-fedlr,federa}"
     ;;
@@ -192,7 +267,7 @@ case "${1:-}" in
       --methods "${2:-fedlr,federa}"
     ;;
   *)
-    echo "usage: $0 main|grid|later|squad|strategies|family|decoders [METHODS]" >&2
+    echo "usage: $0 main|grid|later|squad|strategies|family|protocol|decoders [METHODS]" >&2
     exit 2
     ;;
 esac
