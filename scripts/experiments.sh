@@ -41,6 +41,12 @@ if [[ "${RESTORE:-1}" != 0 && -d results/runs ]]; then
       if [ -f "results/runs/$run/partition.json" ]; then
         cp "results/runs/$run/partition.json" "runs/exp/$run/"
       fi
+      # a grid run stopped at --select-at keeps its checkpoint (scripts/results.sh): the chosen
+      # rate goes on from it
+      if [ -f "results/runs/$run/checkpoint.safetensors" ]; then
+        cp "results/runs/$run/checkpoint.safetensors" "runs/exp/$run/"
+        if [ -d "results/runs/$run/clients" ]; then cp -r "results/runs/$run/clients" "runs/exp/$run/"; fi
+      fi
     fi
   done
   (cd results/runs && find . -name checkpoint.safetensors -printf '%h\n') | while read -r run; do

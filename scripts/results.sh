@@ -12,20 +12,48 @@
 # copies the checkpoint.safetensors (and the clients/ state of methods whose clients keep state,
 # FedSA-LoRA's B) of every unfinished run up to CHECKPOINT_MAX_MB (default 25) MB, so that a lane
 # cut off with its machine resumes on the next one from the committed tree
-# (scripts/experiments.sh restores them). A run that has finished drops its committed checkpoint.
+# (scripts/experiments.sh restores them). A run that has finished drops its committed checkpoint,
+# except a grid run stopped at `--select-at` while no other rate of its grid has gone further
+# (it may be the chosen one: `may_go_on`).
 # clients/ keeps versions by round (client_store.py), so a copy taken right after the
 # checkpoint's holds what the checkpoint's next round needs, even while the lane goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDPEFT=${FEDPEFT:-.venv/bin/fedpeft}
 mkdir -p results/runs
+
+last_round() {  # last_round RUN: the last round in runs/exp/RUN/rounds.jsonl (0 if none)
+  local line
+  line=$(tail -n 1 "runs/exp/$1/rounds.jsonl" 2>/dev/null || true)
+  [[ "$line" =~ ^\{\"round\":\ ([0-9]+) ]] && echo "${BASH_REMATCH[1]}" || echo 0
+}
+
+# may_go_on RUN: a finished grid run (`fedpeft compare` names them <method>-s<seed>-lr<rate>)
+# that `--select-at` stopped short of the rounds another run of its comparison is set to, and
+# that none of its rates' siblings has gone past: it may be the chosen rate, which goes on from
+# its checkpoint (its summary.json is that of the early stop). Not caught: a lane cut off after
+# its last rate run and before the first chosen rate went on (that rate then starts again).
+may_go_on() {
+  local run=$1 mine sibling target
+  [[ "$run" =~ ^(.*-s[0-9]+-lr)[^/]+$ ]] || return 1
+  mine=$(last_round "$run")
+  target=$(cat "runs/exp/$(dirname "$run")"/*/config.toml 2>/dev/null \
+    | sed -n 's/^rounds = \([0-9]*\)$/\1/p' | sort -n | tail -n 1)
+  (( mine < ${target:-0} )) || return 1
+  for sibling in runs/exp/"${BASH_REMATCH[1]}"*; do
+    [[ "$sibling" == "runs/exp/$run" ]] && continue
+    (( $(last_round "${sibling#runs/exp/}") > mine )) && return 1
+  done
+  return 0
+}
+
 if [ -d runs/exp ]; then
   (cd runs/exp && find . -name rounds.jsonl -printf '%h\n') | while read -r run; do
     mkdir -p "results/runs/$run"
     for file in config.toml rounds.jsonl summary.json partition.json; do
       if [ -f "runs/exp/$run/$file" ]; then cp "runs/exp/$run/$file" "results/runs/$run/$file"; fi
     done
-    if [ -f "runs/exp/$run/summary.json" ]; then
+    if [[ -f "runs/exp/$run/summary.json" ]] && ! may_go_on "$run"; then
       rm -rf "results/runs/$run/checkpoint.safetensors" "results/runs/$run/clients"
     elif [[ "${SAVE_CHECKPOINTS:-0}" == 1 && -f "runs/exp/$run/checkpoint.safetensors" ]]; then
       size=$(du -sm "runs/exp/$run/checkpoint.safetensors" | cut -f1)
