@@ -384,26 +384,10 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
+    from .tasks import task_table
+
     print(task_table())
     return 0
-
-
-def task_table() -> str:
-    """One line per task: kind, headline metric, default max-length, what it reads."""
-    from .tasks import TASKS
-
-    lines = ["| task | kind | metric | default max-length | reads | about |",
-             "|---|---|---|---:|---|---|"]
-    for name, cls in TASKS.items():
-        # the docstring's first sentence, as plain text
-        about = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
-        about = about.replace("``", "").replace(" (see the module docstring)", "")
-        lines.append(f"| {name} | {cls.kind} | {cls.metric} | {cls.default_max_length} | "
-                     f"{cls.data} | {about} |")
-    lines.append("Dataset folders are looked up in data-dir (or $FEDPEFT_DATA), else in "
-                 "shared/data beside the repository, else in the package's embedded copy; "
-                 "the *-files tasks read the user's train-file and test-file.")
-    return "\n".join(lines)
 
 
 def method_settings(methods: dict[str, Any]) -> str:

@@ -35,4 +35,20 @@ def make_task(cfg: RunConfig) -> Task:
         raise ConfigError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "DataError", "Features", "Task", "make_task"]
+def task_table() -> str:
+    """One line per task: kind, headline metric, default max-length, what it reads."""
+    lines = ["| task | kind | metric | default max-length | reads | about |",
+             "|---|---|---|---:|---|---|"]
+    for name, cls in TASKS.items():
+        # the docstring's first sentence, as plain text
+        about = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
+        about = about.replace("``", "").replace(" (see the module docstring)", "")
+        lines.append(f"| {name} | {cls.kind} | {cls.metric} | {cls.default_max_length} | "
+                     f"{cls.data} | {about} |")
+    lines.append("Dataset folders are looked up in data-dir (or $FEDPEFT_DATA), else in "
+                 "shared/data beside the repository, else in the package's embedded copy; "
+                 "the *-files tasks read the user's train-file and test-file.")
+    return "\n".join(lines)
+
+
+__all__ = ["TASKS", "DataError", "Features", "Task", "make_task", "task_table"]
