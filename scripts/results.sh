@@ -29,16 +29,20 @@ last_round() {  # last_round RUN: the last round in runs/exp/RUN/rounds.jsonl (0
 }
 
 # may_go_on RUN: a finished grid run (`fedpeft compare` names them <method>-s<seed>-lr<rate>)
-# that `--select-at` stopped short of the rounds another run of its comparison is set to, and
-# that none of its rates' siblings has gone past: it may be the chosen rate, which goes on from
-# its checkpoint (its summary.json is that of the early stop). Not caught: a lane cut off after
-# its last rate run and before the first chosen rate went on (that rate then starts again).
+# that `--select-at` stopped short of its comparison's rounds (its summary.json says so:
+# "select-at": {"round", "rounds"}; runs older than that field: the rounds another run of its
+# comparison is set to), and that none of its rates' siblings has gone past: it may be the
+# chosen rate, which goes on from its checkpoint.
 may_go_on() {
-  local run=$1 mine sibling target
+  local run=$1 mine sibling target planned
   [[ "$run" =~ ^(.*-s[0-9]+-lr)[^/]+$ ]] || return 1
   mine=$(last_round "$run")
   target=$(cat "runs/exp/$(dirname "$run")"/*/config.toml 2>/dev/null \
     | sed -n 's/^rounds = \([0-9]*\)$/\1/p' | sort -n | tail -n 1)
+  planned=$(python3 -c 'import json, sys
+print(json.load(open(sys.argv[1])).get("select-at", {}).get("rounds", 0))' \
+    "runs/exp/$run/summary.json" 2>/dev/null || echo 0)
+  (( planned > ${target:-0} )) && target=$planned
   (( mine < ${target:-0} )) || return 1
   for sibling in runs/exp/"${BASH_REMATCH[1]}"*; do
     [[ "$sibling" == "runs/exp/$run" ]] && continue

@@ -214,6 +214,12 @@ def test_select_at_runs_every_rate_to_that_round_and_only_the_chosen_on(tmp_path
     assert fedlr["final"]["accuracy"] == pytest.approx(0.6) and fedlr["rounds"] == 4
     assert fedlr["lr-candidates"] == {1e-3: 0.3, 2e-3: 0.5, 5e-3: 0.2}
     assert "chosen lr (valid at round 2)" in results_table(kept)
+    # The rates left at round 2 say so in their summaries (scripts/results.sh reads it: such a
+    # run's checkpoint may go on); the chosen run's own summary, written at round 4, does not.
+    marks = {lr: json.loads((tmp_path / f"fedlr-s0-lr{lr}" / "summary.json").read_text())
+             .get("select-at") for lr in ("1e-3", "2e-3", "5e-3")}
+    assert marks == {"1e-3": {"round": 2, "rounds": 4}, "2e-3": None,
+                     "5e-3": {"round": 2, "rounds": 4}}
     # Again: every rate has round 2 and the chosen run is finished: nothing is redone.
     assert [k.get("chosen-lr") for k in run_selected(jobs, simulate, 2, log=lambda _: None)] \
         == [2e-3, None] and len(calls) == 5

@@ -4,8 +4,10 @@ trains: the planned jobs are checked and dropped)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -55,3 +57,46 @@ def test_a_wrong_lane_part_is_refused():
         done = subprocess.run(["bash", str(SCRIPT), lane, "nope"], env=env, capture_output=True,
                               text=True)
         assert done.returncode == 2 and "got 'nope'" in done.stderr
+
+
+RESULTS = SCRIPT.with_name("results.sh")
+
+
+def fake_run(path: Path, done: int, rounds: int, summary: dict | None) -> None:
+    """A run folder as fedpeft writes it: rounds 1..done logged, set to ``rounds``, a
+    checkpoint, and a summary.json when ``summary`` is given."""
+    path.mkdir(parents=True)
+    (path / "config.toml").write_text(f'method = "fedlr"\nrounds = {rounds}\n')
+    (path / "rounds.jsonl").write_text("".join(
+        json.dumps({"round": r, "metrics": {"valid-accuracy": 0.1 * r}}) + "\n"
+        for r in range(1, done + 1)))
+    (path / "checkpoint.safetensors").write_bytes(b"weights")
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps({"rounds": done, **summary}, indent=2))
+
+
+def test_results_keeps_the_checkpoints_a_chosen_rate_may_go_on_from(tmp_path):
+    """scripts/results.sh commits the checkpoint of every rate `--select-at` stopped while no
+    sibling rate has gone past it, also before any chosen rate has gone on (the summary says
+    so), and drops those of finished runs and of rates a sibling has overtaken."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(RESULTS, tmp_path / "scripts" / "results.sh")
+    exp = tmp_path / "runs" / "exp"
+    early = {"select-at": {"round": 4, "rounds": 8}}
+    # a lane cut right after its grid's rate runs: no run is set to 8 rounds yet
+    fake_run(exp / "fresh" / "fedlr-s0-lr1e-3", 4, 4, early)
+    fake_run(exp / "fresh" / "fedlr-s0-lr2e-3", 4, 4, early)
+    # the same from logs older than the summary's "select-at": nothing tells they may go on
+    fake_run(exp / "older" / "fedlr-s0-lr1e-3", 4, 4, {})
+    # the chosen rate has gone on (unfinished): its sibling is no longer needed
+    fake_run(exp / "going" / "fedlr-s0-lr1e-3", 4, 4, early)
+    fake_run(exp / "going" / "fedlr-s0-lr2e-3", 6, 8, None)
+    # a finished run, no grid
+    fake_run(exp / "going" / "federa-s0", 8, 8, {})
+    env = {**os.environ, "FEDPEFT": "true", "SAVE_CHECKPOINTS": "1"}
+    subprocess.run(["bash", "scripts/results.sh"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    kept = sorted(str(p.parent.relative_to(tmp_path / "results" / "runs"))
+                  for p in (tmp_path / "results" / "runs").rglob("checkpoint.safetensors"))
+    assert kept == ["fresh/fedlr-s0-lr1e-3", "fresh/fedlr-s0-lr2e-3", "going/fedlr-s0-lr2e-3"]
+    assert (tmp_path / "results" / "runs" / "older" / "fedlr-s0-lr1e-3" / "rounds.jsonl").exists()

@@ -129,6 +129,7 @@ def run_selected(jobs: list[Job], simulate: Callable[..., dict[str, Any]], selec
             log(f"[rate {i}/{len(grid)}] {path}: to round {select_at}"
                 + (f", resuming after round {done}" if state == "resume" else ""))
             simulate(early, resume=state == "resume")
+            mark_stopped_for_selection(path, select_at, job.cfg.rounds)
         else:
             log(f"[rate {i}/{len(grid)}] {path}: has round {select_at}, not redone")
         scores[id(job)] = valid_at(job, select_at)
@@ -165,6 +166,22 @@ def run_selected(jobs: list[Job], simulate: Callable[..., dict[str, Any]], selec
     order = {id(job): i for i, job in enumerate(jobs)}
     done.sort(key=lambda r: order[id(r["job"])])
     return [{**r, **notes.get(id(r["job"]), {})} for r in done]
+
+
+def mark_stopped_for_selection(path: Path, select_at: int, rounds: int) -> None:
+    """Record in ``path``'s summary.json that the run stopped at ``select_at`` for the choice of
+    a comparison set to ``rounds`` (``"select-at": {"round", "rounds"}``): the summary is that
+    of an early stop, and whoever keeps run folders (scripts/results.sh) can tell from the
+    folder alone that its checkpoint may still go on, even before any rate has. The chosen
+    rate's own summary replaces it when that run finishes."""
+    summary_path = Path(path) / "summary.json"
+    if not summary_path.exists():
+        return
+    from .runlog import atomic_write
+
+    summary = json.loads(summary_path.read_text())
+    summary["select-at"] = {"round": select_at, "rounds": rounds}
+    atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 def check_select_at(jobs: list[Job], select_at: int) -> None:
