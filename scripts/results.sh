@@ -145,7 +145,9 @@ report benchmarks/results/round-time benchmarks/results/round-time/runs
 paper_runs=()
 for run in semeval-a1 semeval-a1-lr semeval-alpha semeval-rank semeval-adapter 20news-a0.1 \
   wnut17-a1 squad-a1 strategies/fedavg strategies/fedprox strategies/fedavgm \
-  strategies/fedadam strategies/fedadam-tau family/a0.1 family/a1; do
+  strategies/fedadam strategies/fedadam-tau family/a0.1 family/a1 protocol/fedprox-a1 \
+  protocol/fedprox-a0.1 protocol/20news-a0.1 protocol/wnut17-a0.1 protocol/ploner-a0.01 \
+  protocol/squad-a0.1 protocol/mrqa-a0.01; do
   if [ -e "results/runs/$run" ]; then paper_runs+=("results/runs/$run"); fi
 done
 "$FEDPEFT" paper "${paper_runs[@]}" --out docs/results/PAPER.md
