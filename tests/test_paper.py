@@ -9,7 +9,8 @@ import pytest
 from test_report import make_run
 
 from fedpeft.cli import main
-from fedpeft.paper import compare_pair, decision_rows, paper_page, paper_tables, verdict
+from fedpeft.decision import decision_rows, short_answers
+from fedpeft.paper import compare_pair, paper_page, paper_tables, verdict
 from fedpeft.report_model import find_runs, group_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,45 @@ def test_decision_table_names_the_best_and_says_no_difference_within_the_spread(
     assert row["best"] == "federa" and row["level"] is True
     page = paper_page([tmp_path / "close"])
     assert "no difference" in page
+
+
+def test_a_comparison_at_the_majority_class_recommends_nothing(tmp_path):
+    """Two methods both still predicting the commonest class: no best, whatever the order."""
+    bar = {"accuracy": 0.1671, "label": "Other"}
+    for method, value in (("fedlr", 0.1671), ("federa", 0.1700)):
+        make_run(tmp_path, method, method, {4: value},
+                 summary={"final": {"accuracy": value}, "baseline": bar})
+    (row,) = decision_rows(group_runs(find_runs([tmp_path])))
+    assert row["best"] == "federa" and row["learned"] is False  # 0.29 points above the bar
+    page = paper_page([tmp_path])
+    assert "nothing learned: the best is at the majority class (16.71)" in page
+    assert "| best (1 seed" not in page
+
+
+def test_an_exact_tie_is_no_difference_even_with_one_seed(tmp_path):
+    rows = decision_rows(_scored(tmp_path, {"federa": [0.70], "fedlr": [0.70]}))
+    assert rows[0]["level"] is True and rows[0]["learned"] is True
+    assert "| no difference |" in paper_page([tmp_path])
+
+
+def test_short_answer_takes_the_broadest_comparison_that_learned(tmp_path):
+    """Same task, alpha and budget, three experiments: the one comparing three methods wins
+    over a two-method one with a better best, and a three-method one that learned nothing."""
+    bar = {"accuracy": 0.20, "label": "Other"}
+    for name, rounds, finals in (("narrow", 4, {"fedlr": 0.80, "federa": 0.70}),
+                                 ("broad", 6, {"fedlr": 0.60, "federa": 0.65, "slora": 0.62}),
+                                 ("flat", 8, {"fedlr": 0.20, "federa": 0.20, "slora": 0.20})):
+        for method, value in finals.items():
+            make_run(tmp_path / name, method, method, {rounds: value}, rounds=rounds,
+                     summary={"final": {"accuracy": value}, "baseline": bar})
+    rows = decision_rows(group_runs(find_runs([tmp_path])))
+    assert len(rows) == 3
+    (answer,) = short_answers(rows)
+    assert (answer["best"], answer["methods"], answer["rounds"]) == ("federa", 3, 6)
+    page = paper_page([tmp_path]).splitlines()
+    short = page[page.index("Every experiment:") - 2]
+    assert short.startswith("| semeval | 1 | 1-10 MB | FeDeRA | 65.00 accuracy | +3.00 over SLoRA")
+    assert "3 methods, 1 seed, " in short and "6 rounds" in short
 
 
 def test_unfinished_runs_are_not_in_the_decision_table(tmp_path):

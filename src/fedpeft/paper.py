@@ -11,11 +11,13 @@ learning rates on validation as ``fedpeft report`` does, and writes one page:
 - per claim of the paper that our runs can speak to: FeDeRA vs each other method (Tables 2-4's
   ordering), "agrees", "disagrees" or "level";
 - "Which method should I use?": per task, heterogeneity (alpha) and budget (bytes per
-  client-round), the best method and its margin over the runner-up.
+  client-round), the best method and its margin over the runner-up: first one short answer per
+  cell (its broadest comparison), then every experiment (``fedpeft.decision``).
 
 **Level.** A difference no larger than the seed spread (the larger of the two groups' sample
 std over seeds) is *level*. With a single seed there is no spread to judge by: the difference is
-reported with its sign and marked "1 seed", never called established.
+reported with its sign and marked "1 seed", never called established. An exact tie (to the
+printed 0.01 point) is level whatever the seeds.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ import numpy as np
 
 from .report_model import Group, Run, find_runs, fmt_setting, group_runs, label_groups
 from .report_tables import (
-    bytes_per_client_round,
     choose_target,
     mean_std,
     time_to_target_table,
 )
 
 NAMES = {"fedft": "FedFT", "fedbf": "FedBF", "fedap": "FedAP", "fedlr": "FedLR",
-         "federa": "FeDeRA", "slora": "SLoRA", "ffa-lora": "FFA-LoRA"}
+         "federa": "FeDeRA", "slora": "SLoRA", "ffa-lora": "FFA-LoRA", "fedsa-lora": "FedSA-LoRA",
+         "flora": "FLoRA", "flexlora": "FlexLoRA", "fedex-lora": "FedEx-LoRA",
+         "hetlora": "HetLoRA", "rolora": "RoLoRA"}
 # Settings that make two runs different experiments rather than two methods of one comparison
 # (everything in a group's settings except these, which differ between methods by design).
 PER_METHOD = {"method", "lr", "adapter-reduction", "adapter-modules", "slora-stage1-rounds",
@@ -49,7 +52,6 @@ SHOWN = {"precision": "auto", "transport-dtype": "fp32", "local-epochs": 1, "bat
          "server-lr": None, "server-momentum": None, "proximal-mu": None, "dp": "none",
          "dp-noise-multiplier": None, "dp-clipping-norm": None}
 LINK_MBIT = 25.0  # the paper's clients' WiFi: 20-30 Mbit/s
-BUDGETS = ((1e6, "<= 1 MB"), (10e6, "1-10 MB"), (float("inf"), "> 10 MB"))
 
 
 def paper_tables() -> dict[str, Any]:
@@ -306,69 +308,6 @@ def mean_drift(group: Group) -> dict[tuple[str, str], float]:
     return {k: float(np.mean(v)) for k, v in values.items()}
 
 
-def budget_class(group: Group) -> str:
-    size = float(np.mean([bytes_per_client_round(r) for r in group.runs]))
-    return next(label for bound, label in BUDGETS if size <= bound)
-
-
-def decision_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
-    """Per experiment and budget class with at least two finished methods: the best method,
-    the runner-up, the margin and whether the seed spread covers it."""
-    rows = []
-    for members in protocols(groups, BUDGET_KNOBS).values():
-        first = members[0]
-        metric = first.runs[0].metric()
-        by_budget: dict[str, dict[str, tuple[Score, Group]]] = {}
-        for g in members:  # each method's best configuration within the budget class
-            s = score(g, metric)
-            if s is not None and g.done == g.planned:
-                cell = by_budget.setdefault(budget_class(g), {})
-                if g.method not in cell or s.mean > cell[g.method][0].mean:
-                    cell[g.method] = (s, g)
-        for budget, cell in by_budget.items():
-            if len(cell) < 2:
-                continue
-            entries = sorted(cell.values(), key=lambda e: -e[0].mean)
-            (best, bg), (second, sg) = entries[0], entries[1]
-            margin, spread = compare_pair(best, second)
-            rows.append({"task": first.runs[0].task, "alpha": first.settings.get("alpha"),
-                         "protocol": protocol_label(first, budget=False), "budget": budget,
-                         "metric": metric, "best": bg.method, "best-score": best,
-                         "best-knobs": knobs(bg),
-                         "runner-up": sg.method, "margin": margin, "spread": spread,
-                         "level": spread is not None and margin <= spread})
-    return rows
-
-
-def knobs(group: Group) -> str:
-    """The budget knobs a group sets away from their defaults (e.g. ``lora-rank=8``)."""
-    defaults = {"lora-rank": 32, "lora-alpha": 32.0, "adapter-reduction": 16}
-    return " ".join(f"{k}={fmt_setting(group.settings[k])}" for k in sorted(BUDGET_KNOBS)
-                    if k in group.settings and group.settings[k] != defaults[k]
-                    and not (k == "adapter-reduction" and group.method != "fedap")
-                    and not (k.startswith("lora") and group.method in ("fedft", "fedbf",
-                                                                       "fedap")))
-
-
-def decision_table(groups: Sequence[Group]) -> list[str]:
-    rows = decision_rows(groups)
-    if not rows:
-        return ["No experiment has two finished methods in one budget class yet."]
-    lines = ["| task | alpha | budget / client-round | protocol | best | its metric % | "
-             "margin over runner-up (points) | verdict |", "|---|---:|---|---|---|---:|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], float(r["alpha"] or 0), r["budget"])):
-        spread = "1 seed: no spread" if r["spread"] is None else f"spread {r['spread']:.2f}"
-        verdict_text = ("no difference" if r["level"] else
-                        "best (1 seed, not established)" if r["spread"] is None else "best")
-        lines.append(f"| {r['task']} | {fmt_setting(r['alpha'])} | {r['budget']} | "
-                     f"{r['protocol']} | {NAMES.get(r['best'], r['best'])}"
-                     f"{' ' + r['best-knobs'] if r['best-knobs'] else ''} | "
-                     f"{r['best-score']} {r['metric']} | +{r['margin']:.2f} over "
-                     f"{NAMES.get(r['runner-up'], r['runner-up'])} ({spread}) | "
-                     f"{verdict_text} |")
-    return lines
-
-
 def paper_page(paths: Sequence[str | Path], command: str = "") -> str:
     """The whole page for the run folders under ``paths``."""
     paper = paper_tables()
@@ -390,6 +329,8 @@ def paper_page(paths: Sequence[str | Path], command: str = "") -> str:
         lines += dataset_section(members[0].runs[0].task, members, paper)
     lines += ["## The paper's other claims, on our runs", "", *robustness_claim(groups), "",
               *drift_claim(groups), ""]
+    from .decision import decision_table  # it builds on this module's scores and protocols
+
     lines += ["## Which method should I use?", "",
               "From our runs only: per task, heterogeneity and budget (bytes per client-round), "
               "the best method and its margin over the runner-up.", "", *decision_table(groups),
