@@ -158,7 +158,7 @@ def test_robustness_claim_compares_each_methods_drop_between_the_alpha_ends(tmp_
 def test_drift_claim_is_the_ratio_of_mean_logged_drift(tmp_path):
     make_run(tmp_path, "federa", "federa", {4: 0.7}, drift=True, seed=1, summary={})
     make_run(tmp_path, "fedlr", "fedlr", {4: 0.7}, drift=True, seed=1, summary={})
-    from fedpeft.paper import mean_drift
+    from fedpeft.claims import mean_drift
 
     groups = {g.method: g for g in group_runs(find_runs([tmp_path]))}
     a, b = mean_drift(groups["federa"]), mean_drift(groups["fedlr"])
@@ -166,6 +166,53 @@ def test_drift_claim_is_the_ratio_of_mean_logged_drift(tmp_path):
     page = paper_page([tmp_path])
     line = next(x for x in page.splitlines() if x.startswith("- semeval") and "magnitude" in x)
     assert "A magnitude 1.00" in line and "disagrees in part" in line  # equal is not less
+
+
+def test_budget_claim_pairs_each_baseline_with_the_nearest_federa(tmp_path):
+    """A rank sweep (FeDeRA and FedLR at ranks 4 and 8) and one BitFit run: each baseline point
+    against the FeDeRA configuration nearest in trainable parameters."""
+    for method, rank, params, value in (("federa", 4, 100_000, 0.70), ("federa", 8, 200_000, 0.72),
+                                        ("fedlr", 4, 100_000, 0.71), ("fedlr", 8, 200_000, 0.60),
+                                        ("fedbf", 32, 30_000, 0.50)):
+        make_run(tmp_path, f"{method}-r{rank}", method, {4: value}, **{"lora-rank": rank},
+                 summary={"final": {"accuracy": value}, "trainable-params": params})
+    page = paper_page([tmp_path]).splitlines()
+    start = next(i for i, x in enumerate(page) if x.startswith("Budget (Fig. 6"))
+    section = page[start + 1:page.index("", start)]
+    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedBF 0.03M (50.00): +20.00 -> ahead (1 seed") for x in section)
+    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedLR 0.10M (71.00): -1.00 -> behind (1 seed") for x in section)
+    assert any(x.startswith("  - FeDeRA 0.20M (72.00) vs FedLR 0.20M (60.00): +12.00 -> ahead (1 seed") for x in section)
+    assert section[-1] == "  - FeDeRA ahead at 2 of 3 points"
+
+
+def test_time_claim_counts_where_federa_reaches_the_target_first(tmp_path):
+    """Equal rounds cost the same in make_run's logs, so time follows the round reached."""
+    make_run(tmp_path / "a", "federa", "federa", {2: 0.70, 4: 0.70},
+             summary={"final": {"accuracy": 0.70}})
+    make_run(tmp_path / "a", "fedft", "fedft", {2: 0.30, 4: 0.70},
+             summary={"final": {"accuracy": 0.70}})
+    line = next(x for x in paper_page([tmp_path / "a"]).splitlines()
+                if x.startswith("  - FeDeRA vs FedFT: 90%"))
+    assert line.endswith("-> FeDeRA faster at 3 of 3 (1 seed, not established)")
+    assert "% less)" in line and "not reached" not in line
+    make_run(tmp_path / "b", "federa", "federa", {2: 0.10, 4: 0.50},
+             summary={"final": {"accuracy": 0.50}})
+    make_run(tmp_path / "b", "fedlr", "fedlr", {2: 0.60, 4: 0.70},
+             summary={"final": {"accuracy": 0.70}})
+    line = next(x for x in paper_page([tmp_path / "b"]).splitlines()
+                if x.startswith("  - FeDeRA vs FedLR: 90%"))
+    assert line.startswith("  - FeDeRA vs FedLR: 90% not reached vs ")
+    assert line.endswith("-> FeDeRA faster at 0 of 3 (1 seed, not established)")
+
+
+def test_time_claim_skips_an_experiment_where_nothing_was_learned(tmp_path):
+    bar = {"accuracy": 0.1671, "label": "Other"}
+    for method in ("federa", "fedlr"):
+        make_run(tmp_path, method, method, {4: 0.1671},
+                 summary={"final": {"accuracy": 0.1671}, "baseline": bar})
+    page = paper_page([tmp_path])
+    assert "  - FeDeRA vs FedLR: 90%" not in page
+    assert "- no experiment here has FeDeRA and a baseline both finished" in page
 
 
 def test_cli_refuses_to_write_into_a_run_folder(tmp_path, capsys):

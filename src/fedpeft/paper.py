@@ -29,8 +29,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .report_model import Group, Run, find_runs, fmt_setting, group_runs, label_groups
 from .report_tables import (
     choose_target,
@@ -238,76 +236,6 @@ def ordering_claims(scores: dict[str, Score], table: dict[str, Any] | None) -> l
     return lines + [""]
 
 
-def robustness_claim(groups: Sequence[Group]) -> list[str]:
-    """Fig. 5: as alpha falls every method degrades, FeDeRA much less than the other PEFT
-    methods. Per experiment swept over alpha: each method's final metric at the largest and the
-    smallest alpha, the drop, and FeDeRA's drop against each other method's."""
-    lines = ["Robustness (Fig. 5: FeDeRA degrades much less than the other PEFT methods as alpha "
-             "falls):"]
-    found = False
-    for members in protocols(groups, frozenset({"alpha"})).values():
-        metric = members[0].runs[0].metric()
-        by_method: dict[str, dict[float, Score]] = {}
-        for g in members:
-            if (sc := score(g, metric)) is not None and g.done == g.planned:
-                by_method.setdefault(g.method, {})[float(g.settings["alpha"])] = sc
-        drops = {m: (a[max(a)], a[min(a)]) for m, a in by_method.items() if len(a) > 1}
-        if "federa" not in drops or len(drops) < 2:
-            continue
-        found = True
-        hi, lo = max(by_method["federa"]), min(by_method["federa"])
-        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0], alpha=False)}, "
-                     f"Dir({hi:g}) -> Dir({lo:g}): " + "; ".join(
-                         f"{NAMES.get(m, m)} {h.mean:.2f} -> {lo_.mean:.2f} "
-                         f"({lo_.mean - h.mean:+.2f})" for m, (h, lo_) in drops.items()))
-        fed_drop = drops["federa"][1].mean - drops["federa"][0].mean
-        for m, (h, lo_) in drops.items():
-            if m == "federa":
-                continue
-            other = lo_.mean - h.mean
-            spreads = [x.std for x in (*drops["federa"], h, lo_)]
-            spread = None if None in spreads else max(spreads)  # type: ignore[type-var]
-            lines.append(f"  - FeDeRA's drop vs {NAMES.get(m, m)}'s: {fed_drop:+.2f} vs "
-                         f"{other:+.2f} -> {verdict(fed_drop - other, spread, paper=1.0)}")
-    return lines if found else lines + ["- no experiment here sweeps alpha with FeDeRA and "
-                                        "another method"]
-
-
-def drift_claim(groups: Sequence[Group]) -> list[str]:
-    """Fig. 3: FeDeRA's successive A/B updates vary less in magnitude and direction than
-    LoRA's. Per experiment with both: the mean over rounds of the logged drift (``fedpeft.drift``,
-    averaged over layers), FeDeRA / FedLR."""
-    lines = ["Drift (Fig. 3: FeDeRA's successive A/B updates vary less than LoRA's), FeDeRA / "
-             "FedLR mean variation over rounds and layers (< 1 agrees):"]
-    found = False
-    for members in protocols(groups).values():
-        by = {g.method: g for g in members}
-        if "federa" not in by or "fedlr" not in by:
-            continue
-        means = {m: mean_drift(by[m]) for m in ("federa", "fedlr")}
-        if not all(means.values()):
-            continue
-        found = True
-        ratios = ", ".join(f"{f} {n} {means['federa'][(f, n)] / means['fedlr'][(f, n)]:.2f}"
-                           for f in "AB" for n in ("magnitude", "direction")
-                           if means["fedlr"].get((f, n)))
-        agree = all(means["federa"][k] < v for k, v in means["fedlr"].items())
-        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0])}: {ratios} -> "
-                     f"{'agrees' if agree else 'disagrees in part'} (1 run each)")
-    return lines if found else lines + ["- no experiment here has FeDeRA and FedLR drift logs"]
-
-
-def mean_drift(group: Group) -> dict[tuple[str, str], float]:
-    values: dict[tuple[str, str], list[float]] = {}
-    for run in group.runs:
-        for record in run.rounds:
-            for factor, parts in (record.get("drift") or {}).get("mean", {}).items():
-                for name, value in parts.items():
-                    if value is not None:  # the first round after a restart has no direction
-                        values.setdefault((factor, name), []).append(float(value))
-    return {k: float(np.mean(v)) for k, v in values.items()}
-
-
 def paper_page(paths: Sequence[str | Path], command: str = "") -> str:
     """The whole page for the run folders under ``paths``."""
     paper = paper_tables()
@@ -327,9 +255,12 @@ def paper_page(paths: Sequence[str | Path], command: str = "") -> str:
         if len(members) < 2 and members[0].method != "federa":
             continue
         lines += dataset_section(members[0].runs[0].task, members, paper)
+    # both build on this module's scores, verdicts and protocols
+    from .claims import budget_claim, drift_claim, robustness_claim, time_claim
+    from .decision import decision_table
+
     lines += ["## The paper's other claims, on our runs", "", *robustness_claim(groups), "",
-              *drift_claim(groups), ""]
-    from .decision import decision_table  # it builds on this module's scores and protocols
+              *budget_claim(groups), "", *time_claim(groups), "", *drift_claim(groups), ""]
 
     lines += ["## Which method should I use?", "",
               "From our runs only: per task, heterogeneity and budget (bytes per client-round), "
