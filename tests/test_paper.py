@@ -155,6 +155,26 @@ def test_robustness_claim_compares_each_methods_drop_between_the_alpha_ends(tmp_
     assert "-10.00 vs -32.00 -> ahead (1 seed" in verdict_line
 
 
+def test_robustness_sweep_names_a_local_hold_out_that_differs_by_alpha(tmp_path):
+    """Dir(1) held out 10% of every shard for local validation, Dir(0.1) none: one sweep, the
+    difference named; a method at the majority class at Dir(1) is left out, not compared."""
+    bar = {"accuracy": 0.20, "label": "Other"}
+    for alpha, held, finals in ((0.1, 0.0, {"federa": 0.60, "fedlr": 0.40, "fedsa-lora": 0.20}),
+                                (1.0, 0.1, {"federa": 0.70, "fedlr": 0.72, "fedsa-lora": 0.20})):
+        for method, value in finals.items():
+            make_run(tmp_path, f"{method}-a{alpha}", method, {4: value}, alpha=alpha,
+                     **{"local-valid-fraction": held},
+                     summary={"final": {"accuracy": value}, "baseline": bar})
+    page = paper_page([tmp_path]).splitlines()
+    line = next(x for x in page if "Dir(1) -> Dir(0.1)" in x)
+    assert "(local-valid-fraction 0.1 at Dir(1), 0 at Dir(0.1))" in line
+    assert "FedLR 72.00 -> 40.00 (-32.00)" in line
+    assert line.endswith("; FedSA-LoRA left out (at the majority class at Dir(1))")
+    assert not any("FeDeRA's drop vs FedSA-LoRA's" in x for x in page)
+    assert any(x.startswith("  - FeDeRA's drop vs FedLR's: -10.00 vs -32.00 -> ahead")
+               for x in page)
+
+
 def test_drift_claim_is_the_ratio_of_mean_logged_drift(tmp_path):
     make_run(tmp_path, "federa", "federa", {4: 0.7}, drift=True, seed=1, summary={})
     make_run(tmp_path, "fedlr", "fedlr", {4: 0.7}, drift=True, seed=1, summary={})
@@ -179,9 +199,15 @@ def test_budget_claim_pairs_each_baseline_with_the_nearest_federa(tmp_path):
     page = paper_page([tmp_path]).splitlines()
     start = next(i for i, x in enumerate(page) if x.startswith("Budget (Fig. 6"))
     section = page[start + 1:page.index("", start)]
-    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedBF 0.03M (50.00): +20.00 -> ahead (1 seed") for x in section)
-    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedLR 0.10M (71.00): -1.00 -> behind (1 seed") for x in section)
-    assert any(x.startswith("  - FeDeRA 0.20M (72.00) vs FedLR 0.20M (60.00): +12.00 -> ahead (1 seed") for x in section)
+    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedBF 0.03M (50.00): +20.00 -> ahead "
+                            "(1 seed")
+               for x in section)
+    assert any(x.startswith("  - FeDeRA 0.10M (70.00) vs FedLR 0.10M (71.00): -1.00 -> behind "
+                            "(1 seed")
+               for x in section)
+    assert any(x.startswith("  - FeDeRA 0.20M (72.00) vs FedLR 0.20M (60.00): +12.00 -> ahead "
+                            "(1 seed")
+               for x in section)
     assert section[-1] == "  - FeDeRA ahead at 2 of 3 points"
 
 

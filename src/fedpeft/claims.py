@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from .decision import NOTHING_LEARNED, majority_bar
 from .paper import BUDGET_KNOBS, LINK_MBIT, NAMES, Score, protocol_label, protocols, score, verdict
-from .report_model import Group, label_groups
+from .report_model import Group, fmt_setting, label_groups
 from .report_tables import FRACTIONS, choose_target, fmt_duration, mean_std, time_to_target
 from .report_tables import trainable_params as group_params
 
+HOLD_OUT = "local-valid-fraction"
 BASELINES = ("fedft", "fedbf", "fedap", "fedlr")  # the paper's Tables 2-5 and Fig. 6 methods
 
 
@@ -28,21 +30,33 @@ def robustness_claim(groups: Sequence[Group]) -> list[str]:
     lines = ["Robustness (Fig. 5: FeDeRA degrades much less than the other PEFT methods as alpha "
              "falls):"]
     found = False
-    for members in protocols(groups, frozenset({"alpha"})).values():
+    for members in _alpha_sweeps(groups):
         metric = members[0].runs[0].metric()
         by_method: dict[str, dict[float, Score]] = {}
+        bars: dict[str, float] = {}
         for g in members:
             if (sc := score(g, metric)) is not None and g.done == g.planned:
                 by_method.setdefault(g.method, {})[float(g.settings["alpha"])] = sc
+                if (bar := majority_bar(g, metric)) is not None:
+                    bars[g.method] = bar
         drops = {m: (a[max(a)], a[min(a)]) for m, a in by_method.items() if len(a) > 1}
+        flat = [m for m, (h, _) in drops.items()  # nothing learned even at the mildest alpha
+                if m in bars and h.mean - bars[m] < NOTHING_LEARNED]
+        drops = {m: d for m, d in drops.items() if m not in flat}
         if "federa" not in drops or len(drops) < 2:
             continue
         found = True
         hi, lo = max(by_method["federa"]), min(by_method["federa"])
-        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0], alpha=False)}, "
-                     f"Dir({hi:g}) -> Dir({lo:g}): " + "; ".join(
+        held = {float(g.settings["alpha"]): g.settings.get(HOLD_OUT) for g in members}
+        note = "" if len(set(held.values())) < 2 else f" ({HOLD_OUT} " + ", ".join(
+            f"{'none' if v is None else fmt_setting(v)} at Dir({k:g})"
+            for k, v in sorted(held.items(), reverse=True)) + ")"
+        lines.append(f"- {members[0].runs[0].task}, {protocol_label(members[0], alpha=False)}"
+                     f"{note}, Dir({hi:g}) -> Dir({lo:g}): " + "; ".join(
                          f"{NAMES.get(m, m)} {h.mean:.2f} -> {lo_.mean:.2f} "
-                         f"({lo_.mean - h.mean:+.2f})" for m, (h, lo_) in drops.items()))
+                         f"({lo_.mean - h.mean:+.2f})" for m, (h, lo_) in drops.items())
+                     + "".join(f"; {NAMES.get(m, m)} left out (at the majority class at "
+                               f"Dir({hi:g}))" for m in flat))
         fed_drop = drops["federa"][1].mean - drops["federa"][0].mean
         for m, (h, lo_) in drops.items():
             if m == "federa":
@@ -54,6 +68,26 @@ def robustness_claim(groups: Sequence[Group]) -> list[str]:
                          f"{other:+.2f} -> {verdict(fed_drop - other, spread, paper=1.0)}")
     return lines if found else lines + ["- no experiment here sweeps alpha with FeDeRA and "
                                         "another method"]
+
+
+def _alpha_sweeps(groups: Sequence[Group]) -> list[list[Group]]:
+    """Experiments equal but for alpha. Runs that also differ in ``HOLD_OUT`` (the share of
+    every client's training shard held out for local validation) count as one sweep when each
+    alpha has one value of it: the sweep then names the values, since they change what each
+    client trains on by that share."""
+    sweeps = []
+    for members in protocols(groups, frozenset({"alpha", HOLD_OUT})).values():
+        per_alpha: dict[float, set] = {}
+        for g in members:
+            per_alpha.setdefault(float(g.settings["alpha"]), set()).add(g.settings.get(HOLD_OUT))
+        if all(len(v) == 1 for v in per_alpha.values()):
+            sweeps.append(members)
+            continue
+        split: dict[Any, list[Group]] = {}
+        for g in members:
+            split.setdefault(g.settings.get(HOLD_OUT), []).append(g)
+        sweeps += split.values()
+    return sweeps
 
 
 def drift_claim(groups: Sequence[Group]) -> list[str]:
