@@ -10,7 +10,7 @@ from test_report import make_run
 
 from fedpeft.cli import main
 from fedpeft.decision import decision_rows, short_answers
-from fedpeft.paper import compare_pair, paper_page, paper_tables, verdict
+from fedpeft.paper import NAMES, compare_pair, paper_page, paper_tables, verdict
 from fedpeft.report_model import find_runs, group_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,22 +211,25 @@ def test_budget_claim_pairs_each_baseline_with_the_nearest_federa(tmp_path):
     assert section[-1] == "  - FeDeRA ahead at 2 of 3 points"
 
 
+def _time_line(root, evals: dict[str, dict[int, float]]) -> str:
+    """The time-claim line of FeDeRA against the other method of ``evals`` (test metric by
+    round, the last one final)."""
+    for method, by_round in evals.items():
+        make_run(root, method, method, by_round,
+                 summary={"final": {"accuracy": by_round[max(by_round)]}})
+    other = next(NAMES[m] for m in evals if m != "federa")
+    return next(x for x in paper_page([root]).splitlines()
+                if x.startswith(f"  - FeDeRA vs {other}: 90%"))
+
+
 def test_time_claim_counts_where_federa_reaches_the_target_first(tmp_path):
     """Equal rounds cost the same in make_run's logs, so time follows the round reached."""
-    make_run(tmp_path / "a", "federa", "federa", {2: 0.70, 4: 0.70},
-             summary={"final": {"accuracy": 0.70}})
-    make_run(tmp_path / "a", "fedft", "fedft", {2: 0.30, 4: 0.70},
-             summary={"final": {"accuracy": 0.70}})
-    line = next(x for x in paper_page([tmp_path / "a"]).splitlines()
-                if x.startswith("  - FeDeRA vs FedFT: 90%"))
+    line = _time_line(tmp_path / "a", {"federa": {2: 0.70, 4: 0.70},
+                                       "fedft": {2: 0.30, 4: 0.70}})
     assert line.endswith("-> FeDeRA faster at 3 of 3 (1 seed, not established)")
     assert "% less)" in line and "not reached" not in line
-    make_run(tmp_path / "b", "federa", "federa", {2: 0.10, 4: 0.50},
-             summary={"final": {"accuracy": 0.50}})
-    make_run(tmp_path / "b", "fedlr", "fedlr", {2: 0.60, 4: 0.70},
-             summary={"final": {"accuracy": 0.70}})
-    line = next(x for x in paper_page([tmp_path / "b"]).splitlines()
-                if x.startswith("  - FeDeRA vs FedLR: 90%"))
+    line = _time_line(tmp_path / "b", {"federa": {2: 0.10, 4: 0.50},
+                                       "fedlr": {2: 0.60, 4: 0.70}})
     assert line.startswith("  - FeDeRA vs FedLR: 90% not reached vs ")
     assert line.endswith("-> FeDeRA faster at 0 of 3 (1 seed, not established)")
 
