@@ -217,7 +217,10 @@ case "${1:-}" in
       for alpha in 1 0.1; do
         local_valid=()
         [[ "$alpha" == 1 ]] && local_valid=(local-valid-fraction=0.1)  # as `family`
-        methods=fedft,fedbf,fedap,$FAMILY_ALL
+        # FedFT after FedBF and FedAP: its checkpoint (the whole model, ~90 MB) is over
+        # CHECKPOINT_MAX_MB, so a session that stops inside one of its runs loses it, while the
+        # others' checkpoints are committed and resume
+        methods=fedbf,fedap,fedft,$FAMILY_ALL
         mapfile -t g < <(grids "$methods")
         compare protocol "${FAMILY[@]}" "alpha=$alpha" "${local_valid[@]}" \
           --root "runs/exp/family/a$alpha" --methods "$methods" --seeds "$seed" "${g[@]}" \
